@@ -1,0 +1,1 @@
+"""iqa-verify: property-based verification of attention kernels."""

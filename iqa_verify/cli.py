@@ -1,0 +1,217 @@
+"""The ``iqa-verify`` command line.
+
+    iqa-verify check IMPL --family F [--device cpu|cuda] [--dtype D] [--profile ci|dev|thorough]
+                     [--seed N] [--only ID ...] [--skip ID ...] [--case JSON] [--report DIR]
+    iqa-verify list
+    iqa-verify report [--out DIR] [--profile P] [--seed N] [--dtype D ...] [--device D ...]
+
+Exit status: 0 every property holds; 1 a property fails (a kernel that raises on a valid input fails);
+2 usage errors (bad arguments, IMPL not importable, unknown family or property id); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from iqa_verify.errors import IqaVerifyError
+from iqa_verify.loading import load_kernel
+from iqa_verify.outcomes import PropertyResult, Status, Verdict
+from iqa_verify.profiles import PROFILES, profile_named
+from iqa_verify.registry import FAMILIES, builtin_kernels, family
+from iqa_verify.report import summary_rows, write_report
+from iqa_verify.runner import RunConfig, check
+
+__all__ = ["main"]
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def parse_device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise IqaVerifyError(f"device={text!r}: must be cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise IqaVerifyError(f"device={text!r}: must be cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise IqaVerifyError(f"device={text!r}: CUDA is not available on this machine (torch {torch.__version__})")
+    return device
+
+
+class Progress:
+    """Live progress on a terminal (property, examples so far); one line per finished property."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+
+    def example(self, property_id: str, n: int) -> None:
+        if self.live:
+            self.stream.write(f"\r  {property_id}: {n} examples\033[K")
+            self.stream.flush()
+
+    def result(self, r: PropertyResult) -> None:
+        if self.live:
+            self.stream.write("\r\033[K")
+        ratio = "" if r.worst_ratio is None else f"  worst ratio {r.worst_ratio:.3g}"
+        mark = {Status.PASSED: "PASS", Status.FAILED: "FAIL", Status.ERROR: "ERROR", Status.SKIPPED: "skip"}[r.status]
+        print(f"  {mark:5} {r.property_id:32} {r.examples:4d} examples {r.seconds:6.1f}s{ratio}", file=self.stream)
+        self.stream.flush()
+
+
+def _print_table(verdicts: Sequence[Verdict]) -> None:
+    header = ["kernel", "family", "dtype", "device", "verdict", "props", "worst ratio"]
+    rows = summary_rows(verdicts)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _print_failures(verdicts: Sequence[Verdict]) -> None:
+    for v in verdicts:
+        for r in v.failed():
+            print(f"\n=== {r.property_id} FAILED for {v.kernel} ({v.dtype}, {v.device}): {r.title}")
+            if r.counterexample:
+                c = r.counterexample
+                print(f"shrunk counterexample: {c.shapes}; {c.regime}")
+                print(c.message)
+                print(f"reproduce: {c.repro}")
+                if c.inputs_path:
+                    print(f"inputs saved: {c.inputs_path}")
+            if r.error:
+                print(r.error)
+
+
+def _run(cfg: RunConfig, args: argparse.Namespace, progress: Progress) -> Verdict:
+    print(f"{cfg.kernel_name} — {cfg.family.name}, {args.dtype}, {cfg.device}, profile {cfg.profile.name}, seed {cfg.seed}",
+          file=progress.stream)
+    return check(cfg, only=args.only, skip=args.skip, case_json=getattr(args, "case", None),
+                 progress=progress.example, on_result=progress.result)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    fam = family(args.family)
+    for pid in [*args.only, *args.skip]:
+        fam.property(pid)
+    if args.case is not None:
+        fam.spec_from_json(args.case)
+    kernel = load_kernel(args.impl)
+    report_dir = Path(args.report) if args.report else None
+    cfg = RunConfig(fam, kernel, args.impl, DTYPES[args.dtype], parse_device(args.device), profile_named(args.profile),
+                    args.seed, report_dir)
+    verdict = _run(cfg, args, Progress())
+    print()
+    _print_table([verdict])
+    _print_failures([verdict])
+    if report_dir:
+        paths = write_report(report_dir, [verdict], profile=args.profile, seed=args.seed)
+        print(f"\nreport: {paths['md']} and {paths['json']}")
+    if not verdict.complete:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if verdict.passed else EXIT_FAILED
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    for name in FAMILIES:
+        fam = family(name)
+        print(f"family {name}: {fam.signature}")
+        for p in fam.properties:
+            print(f"  {p.id:32} {p.title}")
+        kernels = builtin_kernels(name)
+        print("  built-in kernels:" if kernels else "  built-in kernels: none")
+        for k in kernels:
+            print(f"    {k.impl}  ({k.summary})")
+        print()
+    print(f"profiles: {', '.join(f'{p.name} ({p.max_examples} examples/property)' for p in PROFILES.values())}")
+    print(f"dtypes: {', '.join(DTYPES)}")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    devices = [parse_device(d) for d in args.device] if args.device else (
+        [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else []))
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + f"-{args.profile}"
+    out = Path(args.out) / run_id
+    profile = profile_named(args.profile)
+    progress = Progress()
+    verdicts: list[Verdict] = []
+    complete = True
+    try:
+        for name in FAMILIES:
+            fam = family(name)
+            for k in builtin_kernels(name):
+                kernel = load_kernel(k.impl)
+                for device in devices:
+                    for dtype_name in args.dtype:
+                        cfg = RunConfig(fam, kernel, k.impl, DTYPES[dtype_name], device, profile, args.seed, out)
+                        args_ns = argparse.Namespace(dtype=dtype_name, only=[], skip=[], case=None)
+                        verdict = _run(cfg, args_ns, progress)
+                        verdicts.append(verdict)
+                        if not verdict.complete:
+                            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        complete = False
+    paths = write_report(out, verdicts, profile=args.profile, seed=args.seed, run_id=run_id, complete=complete)
+    latest = Path(args.out) / "latest"
+    tmp = Path(args.out) / f".latest-{run_id}"
+    shutil.copytree(out, tmp)
+    if latest.exists():
+        shutil.rmtree(latest)
+    tmp.rename(latest)
+    print()
+    _print_table(verdicts)
+    _print_failures(verdicts)
+    print(f"\nreport: {paths['md']} (copied to {latest}/)")
+    if not complete:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if all(v.passed for v in verdicts) else EXIT_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iqa-verify", description="Property-based verification of attention kernels.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="verify one kernel against a family's properties")
+    c.add_argument("impl", metavar="IMPL", help="package.module:attr or path/to/file.py:attr")
+    c.add_argument("--family", required=True, help="family name (see `iqa-verify list`)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    c.add_argument("--profile", default="ci", choices=list(PROFILES))
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--only", nargs="+", default=[], metavar="PROPERTY_ID", help="run only these properties")
+    c.add_argument("--skip", nargs="+", default=[], metavar="PROPERTY_ID", help="skip these properties")
+    c.add_argument("--case", default=None, metavar="JSON", help="replay exactly this case spec (from a repro line)")
+    c.add_argument("--report", default=None, metavar="DIR", help="write report.json and report.md here")
+    sub.add_parser("list", help="families, properties and built-in kernels")
+    r = sub.add_parser("report", help="verify every built-in kernel x family x dtype and write a report")
+    r.add_argument("--out", default="reports")
+    r.add_argument("--profile", default="ci", choices=list(PROFILES))
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", nargs="+", default=["float32", "bfloat16", "float16", "float64"], choices=list(DTYPES))
+    r.add_argument("--device", nargs="+", default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"check": _cmd_check, "list": _cmd_list, "report": _cmd_report}
+    try:
+        return commands[args.command](args)
+    except (IqaVerifyError, KeyError) as exc:
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"iqa-verify: error: {text}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("iqa-verify: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

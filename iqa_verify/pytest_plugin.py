@@ -1,0 +1,104 @@
+"""pytest plugin: run a family's properties against your kernel as ordinary pytest items.
+
+    pytest --iqa-impl mypkg.kernels:la_forward --iqa-family la-forward [--iqa-dtype bfloat16 ...]
+           [--iqa-device cuda] [--iqa-profile ci|dev|thorough] [--iqa-seed N]
+
+One item per property x dtype, named ``<property id>[<kernel>-<dtype>]`` (so JUnit XML and ``-k`` read
+well); a failing item prints the same message as the CLI: the tensors out of tolerance, the shrunk
+counterexample and the one-line repro. Works with pytest-xdist (``-n 2``): items are built the same way
+in every worker. :func:`verify` is the same check for tests that parametrize their own items.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from iqa_verify.errors import IqaVerifyError
+from iqa_verify.loading import load_kernel
+from iqa_verify.outcomes import PropertyResult, Status
+from iqa_verify.profiles import profile_named
+from iqa_verify.registry import family
+from iqa_verify.runner import RunConfig, run_property
+
+__all__ = ["verify", "failure_text"]
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def failure_text(cfg: RunConfig, r: PropertyResult) -> str:
+    head = f"{r.property_id} {r.status.label} for {cfg.kernel_name} ({cfg.dtype}, {cfg.device}): {r.title}"
+    if r.counterexample:
+        c = r.counterexample
+        lines = [head, f"shrunk counterexample: {c.shapes}; {c.regime}", c.message, f"reproduce: {c.repro}"]
+        if c.inputs_path:
+            lines.append(f"inputs saved: {c.inputs_path}")
+        return "\n".join(lines)
+    return f"{head}\n{r.error or r.status.message}"
+
+
+def verify(impl: str, family_name: str, property_id: str, dtype: str, *, device: str = "cpu", profile: str = "ci",
+           seed: int = 0, report_dir: Path | None = None) -> PropertyResult:
+    """Run one property; ``pytest.fail`` with the full failure text unless it holds."""
+    fam = family(family_name)
+    cfg = RunConfig(fam, load_kernel(impl), impl, _DTYPES[dtype], torch.device(device), profile_named(profile), seed,
+                    report_dir)
+    result = run_property(cfg, fam.property(property_id))
+    if result.status is not Status.PASSED:
+        pytest.fail(failure_text(cfg, result), pytrace=False)
+    return result
+
+
+class PropertyItem(pytest.Item):
+    def __init__(self, *, impl: str, family_name: str, property_id: str, dtype: str, device: str, profile: str,
+                 seed: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.args = (impl, family_name, property_id, dtype)
+        self.opts = {"device": device, "profile": profile, "seed": seed}
+
+    def runtest(self) -> None:
+        verify(*self.args, **self.opts)
+
+    def reportinfo(self):
+        return Path(self.config.rootpath), None, self.name
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("iqa-verify", "verify attention kernels against iqa-verify properties")
+    g.addoption("--iqa-impl", action="append", default=[], metavar="IMPL",
+                help="kernel under test, package.module:attr or path/to/file.py:attr (repeatable)")
+    g.addoption("--iqa-family", default=None, help="its family (see `iqa-verify list`)")
+    g.addoption("--iqa-dtype", action="append", default=None, choices=list(_DTYPES),
+                help="dtype(s) to verify (repeatable; default float32 and bfloat16)")
+    g.addoption("--iqa-device", default="cpu")
+    g.addoption("--iqa-profile", default="ci", choices=["ci", "dev", "thorough"])
+    g.addoption("--iqa-seed", type=int, default=0)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    impls = config.getoption("iqa_impl")
+    if not impls:
+        return
+    name = config.getoption("iqa_family")
+    if not name:
+        raise pytest.UsageError("--iqa-impl needs --iqa-family (see `iqa-verify list`)")
+    try:
+        fam = family(name)
+        for impl in impls:
+            load_kernel(impl)
+    except (IqaVerifyError, KeyError) as exc:
+        raise pytest.UsageError(str(exc.args[0] if exc.args else exc)) from None
+    device = config.getoption("iqa_device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--iqa-device={device}: CUDA is not available on this machine")
+    dtypes = config.getoption("iqa_dtype") or ["float32", "bfloat16"]
+    for impl in impls:
+        short = impl.rsplit(":", 1)[-1]
+        for dtype in dtypes:
+            for prop in fam.properties:
+                items.append(PropertyItem.from_parent(
+                    session, name=f"{prop.id}[{short}-{dtype}]", impl=impl, family_name=name, property_id=prop.id,
+                    dtype=dtype, device=device, profile=config.getoption("iqa_profile"),
+                    seed=config.getoption("iqa_seed")))

@@ -1,0 +1,88 @@
+"""The one tolerance table and the same-precision baseline rule.
+
+Every comparison in the suite takes its tolerance from :data:`TABLE`; no call site carries a
+tolerance literal. An entry is keyed by ``(Kind, dtype)`` and gives ``rtol`` and ``atol`` together,
+plus the baseline factor of the rule below.
+
+The rule (SPEC §5, as in the flash-attention tests), elementwise for a tensor ``x`` against its
+float64 reference ``r`` with a same-dtype baseline computation ``b``::
+
+    err_i     = |x_i - r_i|
+    allowed_i = rtol * |r_i|  +  atol * max(‖r‖∞, tiny)  +  baseline_factor * ‖b - r‖∞
+
+``atol`` is relative to the tensor's own scale ``‖r‖∞`` (inputs span many magnitudes, so an absolute
+``atol`` would be too loose for small tensors and too strict for large ones); ``tiny`` is the
+smallest normal number of the dtype (a floor so an all-zero reference does not demand bitwise
+zeros). The baseline term lets a kernel be as wrong as a multiple of what a straightforward PyTorch
+computation in the same precision (float32 accumulation for bf16/fp16) gets wrong on the same input,
+so hard inputs (long sequences, strong decay) do not raise false alarms while a kernel that loses
+precision the baseline keeps (bf16 state, bf16 cumsum of the log-decay) still fails.
+
+The error ratio ``max_i err_i / allowed_i`` is what reports and the gate track; a tensor passes
+when it is <= 1.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from iqa_verify.errors import IqaVerifyError
+
+__all__ = ["Kind", "Tolerance", "TABLE", "tolerance"]
+
+
+class Kind(enum.Enum):
+    """What is compared: values, gradients, or a float64 reference against an exact oracle."""
+
+    VALUE = "value"
+    GRAD = "grad"
+    REFERENCE = "reference"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+    baseline_factor: float
+    source: str = ""
+
+    def describe(self) -> str:
+        return (
+            f"rtol={self.rtol:g}, atol={self.atol:g} (x scale), baseline_factor={self.baseline_factor:g}"
+            f" from {self.source}"
+        )
+
+
+def _entries() -> dict[tuple[Kind, torch.dtype], Tolerance]:
+    raw = {
+        # kind, dtype:                        rtol,   atol,   baseline factor
+        (Kind.VALUE, torch.float64): (1e-10, 1e-10, 4.0),
+        (Kind.VALUE, torch.float32): (2e-5, 2e-5, 4.0),
+        (Kind.VALUE, torch.float16): (2e-3, 2e-3, 4.0),
+        (Kind.VALUE, torch.bfloat16): (1e-2, 4e-3, 4.0),
+        (Kind.GRAD, torch.float64): (1e-9, 1e-9, 8.0),
+        (Kind.GRAD, torch.float32): (1e-4, 1e-4, 8.0),
+        (Kind.GRAD, torch.float16): (5e-3, 5e-3, 8.0),
+        (Kind.GRAD, torch.bfloat16): (4e-2, 4e-2, 8.0),
+        # float64 references against sympy closed forms and against each other
+        (Kind.REFERENCE, torch.float64): (1e-12, 1e-12, 0.0),
+    }
+    return {
+        key: Tolerance(*vals, source=f"tolerances.TABLE[{key[0].value}, {str(key[1]).removeprefix('torch.')}]")
+        for key, vals in raw.items()
+    }
+
+
+TABLE: dict[tuple[Kind, torch.dtype], Tolerance] = _entries()
+
+
+def tolerance(kind: Kind, dtype: torch.dtype) -> Tolerance:
+    """The table entry for ``(kind, dtype)``; a clear error for a pair the table does not cover."""
+    try:
+        return TABLE[(kind, dtype)]
+    except KeyError:
+        known = sorted(str(d).removeprefix("torch.") for k, d in TABLE if k is kind)
+        raise IqaVerifyError(f"dtype={dtype}: no {kind.value} tolerance; the table covers {', '.join(known)}") from None

@@ -1,0 +1,55 @@
+"""The ``la-forward`` family: linear attention with decay and an initial state (SPEC.md §1)."""
+
+from __future__ import annotations
+
+import torch
+
+from iqa_verify.family import Case, Family, OutputSpec
+from properties.generic import shared_properties
+from properties.la_forward.cases import LACase, build_la_inputs, la_cases, pinned_la_cases
+from reference.la_forward import la_forward_baseline, la_forward_ref
+
+__all__ = ["FAMILY"]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _build(spec: LACase, dtype: torch.dtype, device: torch.device) -> Case:
+    return Case(spec=spec, inputs=build_la_inputs(spec, dtype, device), kwargs={"scale": spec.scale}, dtype=dtype, device=device)
+
+
+def _output_contract(case: Case) -> dict[str, OutputSpec]:
+    s, dtype = case.spec, case.dtype
+    state_dtypes = (dtype, torch.float32) if dtype in _LOW_PRECISION else (dtype,)
+    return {
+        "o": OutputSpec((s.B, s.T, s.H, s.E), (dtype,)),
+        "final_state": OutputSpec((s.B, s.H, s.D, s.E), state_dtypes),
+    }
+
+
+def _differentiable(case: Case) -> tuple[str, ...]:
+    return ("q", "k", "v", "g") + (("initial_state",) if case.inputs["initial_state"] is not None else ())
+
+
+def _named(fn):
+    def call(inputs, kwargs):
+        o, state = fn(*inputs.values(), **kwargs)
+        return {"o": o, "final_state": state}
+
+    return call
+
+
+FAMILY = Family(
+    name="la-forward",
+    signature="la_forward(q, k, v, g, initial_state=None, *, scale=1.0) -> (o, final_state)",
+    output_names=("o", "final_state"),
+    cases=la_cases,
+    pinned=pinned_la_cases,
+    spec_from_json=LACase.from_json,
+    build=_build,
+    output_contract=_output_contract,
+    differentiable=_differentiable,
+    reference=_named(la_forward_ref),
+    baseline=_named(la_forward_baseline),
+    properties=shared_properties("la-forward"),
+)
