@@ -1,0 +1,59 @@
+"""Implicit query attention (family ``iqa``, SPEC §3): solvers, backward modes and the built-in kernel.
+
+Float64 references live in :mod:`reference.iqa`, sympy facts in :mod:`reference.iqa_sympy`.
+"""
+
+from iqa_verify.iqa.backward import BackwardMode, BackwardStats, Implicit, OneStep, Truncated, Unrolled
+from iqa_verify.iqa.kernel import (
+    DEFAULT_BACKWARD,
+    DEFAULT_SOLVER,
+    ImplicitQueryAttention,
+    IqaStats,
+    check_iqa_forward_inputs,
+    iqa_default_scale,
+    iqa_forward,
+    iqa_forward_anderson_implicit,
+    iqa_forward_broyden_implicit,
+    iqa_forward_fixed_point_implicit,
+    iqa_forward_fixed_point_unrolled,
+    iqa_forward_with_stats,
+    iqa_map,
+)
+from iqa_verify.iqa.solvers import (
+    Anderson,
+    Broyden,
+    ConvergenceError,
+    FixedPointIteration,
+    Outcome,
+    Solution,
+    Solver,
+)
+
+__all__ = [
+    "DEFAULT_BACKWARD",
+    "DEFAULT_SOLVER",
+    "Anderson",
+    "BackwardMode",
+    "BackwardStats",
+    "Broyden",
+    "ConvergenceError",
+    "FixedPointIteration",
+    "Implicit",
+    "ImplicitQueryAttention",
+    "IqaStats",
+    "OneStep",
+    "Outcome",
+    "Solution",
+    "Solver",
+    "Truncated",
+    "Unrolled",
+    "check_iqa_forward_inputs",
+    "iqa_default_scale",
+    "iqa_forward",
+    "iqa_forward_anderson_implicit",
+    "iqa_forward_broyden_implicit",
+    "iqa_forward_fixed_point_implicit",
+    "iqa_forward_fixed_point_unrolled",
+    "iqa_forward_with_stats",
+    "iqa_map",
+]
