@@ -18,6 +18,7 @@ from iqa_verify.comparison import TensorCheck
 from iqa_verify.profiles import Profile
 
 __all__ = [
+    "BuiltinKernel",
     "Case",
     "CaseSpec",
     "Family",
@@ -125,6 +126,14 @@ class Property:
 
 
 @dataclass(frozen=True)
+class BuiltinKernel:
+    """A kernel shipped with the suite: its IMPL path (as a user would type it) and a one-line summary."""
+
+    impl: str
+    summary: str
+
+
+@dataclass(frozen=True)
 class Family:
     """A family of operators sharing one contract (SPEC.md).
 
@@ -147,6 +156,7 @@ class Family:
     reference: Callable[[Mapping[str, torch.Tensor | None], dict[str, Any]], Tensors]
     baseline: Callable[[Mapping[str, torch.Tensor | None], dict[str, Any]], Tensors]
     properties: tuple[Property, ...]
+    builtin_kernels: tuple[BuiltinKernel, ...] = ()
 
     def name_outputs(self, raw: Any) -> Tensors:
         n = len(self.output_names)

@@ -1,19 +1,20 @@
 """Families and built-in kernels, by name, for the CLI, the pytest plugin and reports.
 
-A :class:`Registry` refuses duplicate names and raises ``KeyError`` listing the valid ones.
-Families are imported lazily: ``iqa-verify list`` and argument errors stay fast.
+A :class:`Registry` refuses duplicate names and raises ``KeyError`` listing the valid ones. Each
+family lives in its own module under ``properties/`` (attribute ``FAMILY``), which also lists the
+family's built-in kernels; modules are imported lazily so ``iqa-verify --help`` and argument errors
+stay fast.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from iqa_verify.family import Family
+from iqa_verify.family import BuiltinKernel, Family
 
-__all__ = ["Registry", "BuiltinKernel", "FAMILIES", "BUILTIN_KERNELS", "family", "builtin_kernels"]
+__all__ = ["Registry", "FAMILIES", "family", "builtin_kernels"]
 
 T = TypeVar("T")
 
@@ -37,31 +38,16 @@ class Registry(Generic[T]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 
-    def items(self):
-        return self._items.items()
-
-
-@dataclass(frozen=True)
-class BuiltinKernel:
-    """A kernel shipped with the suite: its IMPL path (as a user would type it), family and summary."""
-
-    impl: str
-    family: str
-    summary: str
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 # family name -> module whose FAMILY attribute is the Family
 FAMILIES: Registry[str] = Registry("family")
-FAMILIES.register("la-forward", "properties.la_forward")
-
-BUILTIN_KERNELS: Registry[BuiltinKernel] = Registry("built-in kernel")
-for _k in (
-    BuiltinKernel("iqa_verify.kernels.la_forward_recurrent:la_forward_recurrent", "la-forward",
-                  "loop over time, float32 state for bf16/fp16"),
-    BuiltinKernel("iqa_verify.kernels.la_forward_chunked:la_forward_chunked", "la-forward",
-                  "chunked (chunk 64): intra-chunk matmuls, log-space decay, state passed between chunks"),
+for _name, _module in (
+    ("la-forward", "properties.la_forward"),
 ):
-    BUILTIN_KERNELS.register(_k.impl, _k)
+    FAMILIES.register(_name, _module)
 
 
 def family(name: str) -> Family:
@@ -69,5 +55,5 @@ def family(name: str) -> Family:
     return importlib.import_module(FAMILIES[name]).FAMILY
 
 
-def builtin_kernels(family_name: str | None = None) -> list[BuiltinKernel]:
-    return [k for _, k in BUILTIN_KERNELS.items() if family_name in (None, k.family)]
+def builtin_kernels(family_name: str) -> tuple[BuiltinKernel, ...]:
+    return family(family_name).builtin_kernels

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from iqa_verify.family import Case, Family, OutputSpec
+from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
 from properties.generic import shared_properties
 from properties.la_forward.cases import LACase, build_la_inputs, la_cases, pinned_la_cases
 from reference.la_forward import la_forward_baseline, la_forward_ref
@@ -52,4 +52,10 @@ FAMILY = Family(
     reference=_named(la_forward_ref),
     baseline=_named(la_forward_baseline),
     properties=shared_properties("la-forward"),
+    builtin_kernels=(
+        BuiltinKernel("iqa_verify.kernels.la_forward_recurrent:la_forward_recurrent",
+                      "loop over time, float32 state for bf16/fp16"),
+        BuiltinKernel("iqa_verify.kernels.la_forward_chunked:la_forward_chunked",
+                      "chunked (64 steps): intra-chunk matmuls, segment-sum log decay, hand-written backward"),
+    ),
 )

@@ -1,0 +1,221 @@
+"""Planted bugs in ``la_forward`` kernels: each must be caught by ``iqa-verify check`` in the ci profile.
+
+Every bug is a plausible mistake (most have shipped in real linear-attention kernels), planted in one of
+two small but otherwise correct kernels: a loop over time (:func:`_recurrent`) and a chunked matrix form
+(:func:`_chunked`). Each public function here is a kernel with the contract's signature, so a person
+can run one by hand::
+
+    iqa-verify check tests/bug_zoo/la_forward.py:scale_ignored --family la-forward
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from iqa_verify.contracts import state_dtype_for
+
+__all__ = ["PlantedBug", "BUGS"]
+
+
+def _recurrent(q, k, v, g, initial_state, scale, bug: str = ""):
+    """S_t = exp(g_t) S_{t-1} + k_t v_t^T; o_t = scale S_t^T q_t, with ``bug`` planted."""
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    acc = q.dtype if bug == "state-in-input-dtype" else state_dtype_for(q.dtype)
+    if bug == "heads-mixed":  # reshape where a transpose was meant: mixes heads and time when H > 1
+        qh, kh, vh, gh = (x.reshape(B, H, T, *x.shape[3:]) for x in (q, k, v, g))
+    else:
+        qh, kh, vh, gh = (x.transpose(1, 2) for x in (q, k, v, g))
+    qh, kh, vh, gh = (x.to(acc) for x in (qh, kh, vh, gh))
+    if bug == "decay-not-differentiated":
+        gh = gh.detach()
+    if initial_state is None:
+        S = torch.zeros(B, H, D, E, dtype=acc, device=q.device)
+    else:
+        S = initial_state.to(acc)
+        if bug == "sequences-mixed":  # every sequence starts from the first sequence's state
+            S = S[:1].expand_as(S)
+        if bug == "initial-state-not-differentiated":
+            S = S.detach()
+    outs = []
+    for t in range(T):
+        decay = torch.exp(gh[:, :, t])[..., None, None]
+        kv = kh[:, :, t, :, None] * vh[:, :, t, None, :]
+        if bug == "decay-after-update":
+            S = decay * (S + kv)
+        elif bug == "initial-state-not-decayed" and t == 0:
+            S = S + kv
+        else:
+            S = decay * S + kv
+        o_t = (S * qh[:, :, t, :, None]).sum(-2)
+        outs.append(o_t if bug == "scale-ignored" else scale * o_t)
+    o = torch.stack(outs, dim=1)  # [B, T, H, E]
+    final = S
+    if bug == "final-state-transposed":
+        final = S.transpose(-1, -2).reshape(B, H, D, E)
+    return o.to(q.dtype), final.to(state_dtype_for(q.dtype))
+
+
+def _chunked(q, k, v, g, initial_state, scale, bug: str = "", chunk: int = 16):
+    """Chunked matrix form with ``bug`` planted: per chunk, intra-chunk (Q K^T ⊙ M) V plus the carried
+    state, M_ij = exp(b_i - b_j) from a within-chunk cumulative sum b."""
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    acc = state_dtype_for(q.dtype)
+    qh, kh, vh = (x.transpose(1, 2).to(acc) for x in (q, k, v))  # [B, H, T, *]
+    gh = g.transpose(1, 2)
+    gh = gh.to(acc) if bug != "cumsum-in-input-dtype" else gh
+    S = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+    n_chunks = T // chunk if bug == "last-partial-chunk-dropped" else math.ceil(T / chunk)
+    o = torch.empty(B, H, T, E, dtype=acc, device=q.device)
+    if bug == "last-partial-chunk-dropped":
+        o.zero_()
+    for n in range(n_chunks):
+        sl = slice(n * chunk, min((n + 1) * chunk, T))
+        Qc, Kc, Vc = qh[:, :, sl], kh[:, :, sl], vh[:, :, sl]
+        C = Qc.shape[2]
+        if bug == "ragged-chunk-read-past-end" and C < chunk:
+            # pad the ragged last chunk with scratch memory instead of zeros
+            pad = torch.empty(B, H, chunk - C, D, dtype=acc, device=q.device)
+            Kc = torch.cat([Kc, pad], dim=2)
+            Vc = torch.cat([Vc, torch.empty(B, H, chunk - C, E, dtype=acc, device=q.device)], dim=2)
+            gc = torch.cat([gh[:, :, sl], torch.zeros(B, H, chunk - C, dtype=gh.dtype, device=q.device)], dim=2)
+            Qc = torch.cat([Qc, torch.zeros(B, H, chunk - C, D, dtype=acc, device=q.device)], dim=2)
+        else:
+            gc = gh[:, :, sl]
+        b = gc.cumsum(-1).to(acc)  # [B, H, C']
+        L = b.shape[-1]
+        lower = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        if bug == "decay-ratio-of-cumprod":
+            alpha = torch.exp(b)
+            M = torch.where(lower, alpha[..., :, None] / alpha[..., None, :], torch.zeros((), dtype=acc))
+        else:
+            M = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~lower, float("-inf")))
+        oc = ((Qc @ Kc.transpose(-1, -2)) * M) @ Vc + torch.exp(b)[..., None] * (Qc @ S)
+        o[:, :, sl] = oc[:, :, :C]
+        to_end = torch.exp(b[..., -1:] - b)
+        S = torch.exp(b[..., -1])[..., None, None] * S + (Kc * to_end[..., None]).transpose(-1, -2) @ Vc
+    return (scale * o).transpose(1, 2).to(q.dtype), S
+
+
+# ------------------------------------------------------------------ the zoo: one kernel per bug
+
+
+def scale_ignored(q, k, v, g, initial_state=None, *, scale=1.0):
+    return _recurrent(q, k, v, g, initial_state, scale, "scale-ignored")
+
+
+def decay_after_update(q, k, v, g, initial_state=None, *, scale=1.0):
+    return _recurrent(q, k, v, g, initial_state, scale, "decay-after-update")
+
+
+def initial_state_not_decayed(q, k, v, g, initial_state=None, *, scale=1.0):
+    return _recurrent(q, k, v, g, initial_state, scale, "initial-state-not-decayed")
+
+
+def final_state_transposed(q, k, v, g, initial_state=None, *, scale=1.0):
+    return _recurrent(q, k, v, g, initial_state, scale, "final-state-transposed")
+
+
+def state_in_input_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
+    return _recurrent(q, k, v, g, initial_state, scale, "state-in-input-dtype")
+
+
+def heads_mixed(q, k, v, g, initial_state=None, *, scale=1.0):
+    return _recurrent(q, k, v, g, initial_state, scale, "heads-mixed")
+
+
+def sequences_mixed(q, k, v, g, initial_state=None, *, scale=1.0):
+    return _recurrent(q, k, v, g, initial_state, scale, "sequences-mixed")
+
+
+def decay_not_differentiated(q, k, v, g, initial_state=None, *, scale=1.0):
+    return _recurrent(q, k, v, g, initial_state, scale, "decay-not-differentiated")
+
+
+def initial_state_not_differentiated(q, k, v, g, initial_state=None, *, scale=1.0):
+    return _recurrent(q, k, v, g, initial_state, scale, "initial-state-not-differentiated")
+
+
+def last_partial_chunk_dropped(q, k, v, g, initial_state=None, *, scale=1.0):
+    return _chunked(q, k, v, g, initial_state, scale, "last-partial-chunk-dropped")
+
+
+def decay_ratio_of_cumprod(q, k, v, g, initial_state=None, *, scale=1.0):
+    return _chunked(q, k, v, g, initial_state, scale, "decay-ratio-of-cumprod")
+
+
+def cumsum_in_input_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
+    return _chunked(q, k, v, g, initial_state, scale, "cumsum-in-input-dtype")
+
+
+def ragged_chunk_read_past_end(q, k, v, g, initial_state=None, *, scale=1.0):
+    return _chunked(q, k, v, g, initial_state, scale, "ragged-chunk-read-past-end")
+
+
+def scales_values_in_place(q, k, v, g, initial_state=None, *, scale=1.0):
+    """Folds the scale into v in place: `.to(float32)` is a no-op for float32 inputs, so the caller's v changes."""
+    v_acc = v.to(state_dtype_for(v.dtype))
+    with torch.no_grad():
+        v_acc.mul_(scale)
+    return _chunked(q, k, v_acc, g, initial_state, 1.0)
+
+
+_STREAM_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def state_cached_across_calls(q, k, v, g, initial_state=None, *, scale=1.0):
+    """A 'streaming' kernel that resumes from the previous call's final state when none is given."""
+    key = (tuple(q.shape), tuple(v.shape), q.dtype, q.device)
+    if initial_state is None and key in _STREAM_CACHE:
+        initial_state = _STREAM_CACHE[key].to(q.dtype)
+    o, S = _chunked(q, k, v, g, initial_state, scale)
+    _STREAM_CACHE[key] = S.detach()
+    return o, S
+
+
+def output_in_accumulation_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
+    """Returns o in float32 for bf16/fp16 inputs (forgets the final cast)."""
+    o, S = _chunked(q, k, v, g, initial_state, scale)
+    return o.to(state_dtype_for(q.dtype)), S
+
+
+@dataclass(frozen=True)
+class PlantedBug:
+    """kernel: name of the function above; dtype: where it shows; caught_by: the property ids that must fail."""
+
+    kernel: str
+    dtype: str
+    caught_by: tuple[str, ...]
+    kind: str
+
+    @property
+    def impl(self) -> str:
+        return f"{__file__}:{self.kernel}"
+
+
+def _p(name: str) -> str:
+    return f"la-forward/{name}"
+
+
+BUGS: tuple[PlantedBug, ...] = (
+    PlantedBug("scale_ignored", "float32", (_p("values"), _p("gradients")), "scale != 1 untested"),
+    PlantedBug("decay_after_update", "float32", (_p("values"),), "decay applied to the new key-value too"),
+    PlantedBug("initial_state_not_decayed", "float32", (_p("values"),), "wrong initial state: first decay skipped"),
+    PlantedBug("final_state_transposed", "float32", (_p("values"),), "wrong final state: [E, D] read as [D, E]"),
+    PlantedBug("state_in_input_dtype", "bfloat16", (_p("values"),), "state accumulated in bf16"),
+    PlantedBug("heads_mixed", "float32", (_p("values"),), "mixing heads: reshape instead of transpose"),
+    PlantedBug("sequences_mixed", "float32", (_p("values"),), "mixing sequences: batch 0's initial state for all"),
+    PlantedBug("decay_not_differentiated", "float32", (_p("gradients"),), "wrong decay gradient (dg = 0)"),
+    PlantedBug("initial_state_not_differentiated", "float32", (_p("gradients"),), "no gradient to the initial state"),
+    PlantedBug("last_partial_chunk_dropped", "float32", (_p("values"),), "the last partial chunk"),
+    PlantedBug("decay_ratio_of_cumprod", "float32", (_p("finite"), _p("values")), "NaN from strong decay (0/0)"),
+    PlantedBug("cumsum_in_input_dtype", "bfloat16", (_p("values"),), "low-precision accumulation of the log-decay"),
+    PlantedBug("ragged_chunk_read_past_end", "float32", (_p("no-uninit-reads"),), "ragged chunk padded with scratch memory"),
+    PlantedBug("scales_values_in_place", "float32", (_p("inputs-unchanged"),), "modifies its input v in place"),
+    PlantedBug("state_cached_across_calls", "float32", (_p("deterministic"),), "hidden state carried across calls"),
+    PlantedBug("output_in_accumulation_dtype", "bfloat16", (_p("contract"),), "returns float32 o for bf16 inputs"),
+)

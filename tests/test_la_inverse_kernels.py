@@ -1,0 +1,237 @@
+"""Built-in inverse kernels (la_solve_v, la_solve_q, la_solve_k) against the dense float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iqa_verify.comparison import compare
+from iqa_verify.errors import IqaVerifyError
+from iqa_verify.kernels.la_forward_chunked import la_forward_chunked
+from iqa_verify.kernels.la_solve_k import (
+    LsqrOutcome,
+    LsqrSettings,
+    la_solve_k,
+    la_solve_k_recursion,
+    la_solve_k_with_stats,
+)
+from iqa_verify.kernels.la_solve_q import la_solve_q
+from iqa_verify.kernels.la_solve_v import SingularPolicy, la_solve_v, la_solve_v_sequential
+from iqa_verify.tolerances import Kind, tolerance
+from reference.la_forward import la_forward_ref
+from reference.la_inverse import (
+    Unknown,
+    la_linear_map,
+    la_solve_k_dense_ref,
+    la_solve_k_recursion_ref,
+    la_solve_q_dense_ref,
+    la_solve_v_dense_ref,
+)
+
+F64, F32 = torch.float64, torch.float32
+
+
+def _case(B=2, T=11, H=2, D=3, E=2, *, initial=True, seed=0, decay=0.3, key_shift=1.0, noise=0.0):
+    """Float64 inputs; o = forward + noise * N(0, 1) (noise = 0: consistent). k = key_shift * q + N(0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
+    q = rand(B, T, H, D)
+    k = key_shift * q + rand(B, T, H, D)
+    v = rand(B, T, H, E)
+    g = -decay * torch.rand(B, T, H, generator=gen, dtype=F64)
+    S0 = rand(B, H, D, E) if initial else None
+    o = la_forward_ref(q, k, v, g, S0, scale=0.7)[0] + noise * rand(B, T, H, E)
+    return dict(q=q, k=k, v=v, g=g, S0=S0, o=o, scale=0.7)
+
+
+def _cast(x, dtype):
+    return None if x is None else x.to(dtype)
+
+
+def _args(c, unknown, dtype):
+    names = {Unknown.V: ("q", "k"), Unknown.K: ("q", "v"), Unknown.Q: ("k", "v")}[unknown]
+    return tuple(_cast(c[n], dtype) for n in (*names, "o", "g", "S0"))
+
+
+def _baseline(c, unknown, dtype):
+    """Same-dtype straightforward computation: the dense pseudo-inverse solve in ``dtype``."""
+    m = la_linear_map(unknown, *_args(c, unknown, F64), scale=c["scale"])
+    x = torch.linalg.pinv(m.matrix.to(dtype)) @ m.rhs(c["o"]).to(dtype).unsqueeze(-1)
+    B, T, H, _ = c["o"].shape
+    return x.squeeze(-1).reshape(B, H, T, m.n).transpose(1, 2)
+
+
+def _check(path, actual, expected, dtype, baseline=None):
+    check = compare(path, actual, expected, tolerance(Kind.VALUE, dtype), dtype=dtype, baseline=baseline)
+    assert check.passed, check.describe()
+
+
+# ---------------------------------------------------------------- Type1
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize("chunk_size", [1, 4, 64], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("initial", [True, False], ids=["S0", "no-S0"])
+def test_la_solve_v_matches_dense(dtype, chunk_size, initial):
+    c = _case(T=11, initial=initial)  # 11 is not a multiple of 4 and < 64
+    ref = la_solve_v_dense_ref(*_args(c, Unknown.V, F64), scale=c["scale"])
+    base = _baseline(c, Unknown.V, dtype) if dtype != F64 else None
+    out = la_solve_v(*_args(c, Unknown.V, dtype), scale=c["scale"], chunk_size=chunk_size)
+    assert out.dtype == dtype
+    _check("v", out, ref, dtype, base)
+    seq = la_solve_v_sequential(*_args(c, Unknown.V, dtype), scale=c["scale"])
+    _check("v_sequential", seq, ref, dtype, base)
+
+
+@pytest.mark.parametrize("kernel", [la_solve_v, la_solve_v_sequential], ids=lambda f: f.__name__)
+def test_la_solve_v_singular_step_least_squares(kernel):
+    c = _case(T=9)
+    k = c["k"].clone()
+    k[0, 5, 1] = 0.0  # q_5 · k_5 = 0 for batch 0, head 1
+    c["k"], c["o"] = k, la_forward_ref(c["q"], k, c["v"], c["g"], c["S0"], scale=c["scale"])[0]
+    ref = la_solve_v_dense_ref(*_args(c, Unknown.V, F64), scale=c["scale"])
+    out = kernel(*_args(c, Unknown.V, F64), scale=c["scale"])
+    assert bool(torch.isfinite(out).all())
+    _check("v", out, ref, F64)
+    with pytest.raises(IqaVerifyError, match=r"t=5: q_t·k_t = 0 .*batch 0, head 1"):
+        kernel(*_args(c, Unknown.V, F64), scale=c["scale"], on_singular=SingularPolicy.RAISE)
+
+
+def test_la_solve_v_gradients_match_dense():
+    c = _case(T=7, B=1)
+    leaves = [x.clone().requires_grad_() for x in (c["q"], c["k"], c["o"], c["g"], c["S0"])]
+    cot = torch.randn(c["v"].shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    grads = torch.autograd.grad(la_solve_v(*leaves, scale=c["scale"], chunk_size=3), leaves, cot)
+    ref = torch.autograd.grad(la_solve_v_dense_ref(*leaves, scale=c["scale"]), leaves, cot)
+    for name, a, r in zip(("dq", "dk", "do", "dg", "dS0"), grads, ref):
+        check = compare(f"grad/{name}", a, r, tolerance(Kind.GRAD, F64), dtype=F64)
+        assert check.passed, check.describe()
+
+
+def test_la_solve_v_low_precision_and_views():
+    c = _case(T=10, H=3)
+    q, k, o, g, S0 = _args(c, Unknown.V, torch.bfloat16)
+    q_view = q.transpose(0, 2).contiguous().transpose(0, 2)  # same values, non-contiguous layout
+    assert not q_view.is_contiguous()
+    before = [x.clone() for x in (q_view, k, o, g, S0)]
+    out = la_solve_v(q_view, k, o, g, S0, scale=c["scale"], chunk_size=4)
+    assert out.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(before, (q_view, k, o, g, S0)))
+    ref = la_solve_v_dense_ref(q, k, o, g, S0, scale=c["scale"])  # the bf16-rounded inputs, solved in float64
+    _check("v", out, ref, torch.bfloat16, _baseline({**c, **dict(q=q.double(), k=k.double(), o=o.double(), g=g.double(), S0=S0.double())}, Unknown.V, F32))
+
+
+# ---------------------------------------------------------------- Type3
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize(
+    "shape, initial",
+    [((11, 3, 4), True), ((11, 3, 4), False), ((4, 5, 4), False), ((9, 4, 2), True)],
+    ids=["full-rank", "no-S0", "rank-deficient-T<D", "E<D"],
+)
+def test_la_solve_q_matches_dense(dtype, shape, initial):
+    T, D, E = shape
+    c = _case(T=T, D=D, E=E, initial=initial)
+    ref = la_solve_q_dense_ref(*_args(c, Unknown.Q, F64), scale=c["scale"])
+    base = _baseline(c, Unknown.Q, dtype) if dtype != F64 else None
+    for chunk_size in (3, 64):
+        out = la_solve_q(*_args(c, Unknown.Q, dtype), scale=c["scale"], chunk_size=chunk_size)
+        assert out.dtype == dtype and bool(torch.isfinite(out).all())
+        _check("q", out, ref, dtype, base)
+
+
+def test_la_solve_q_gradients_match_dense():
+    c = _case(T=5, D=2, E=3, B=1)
+    leaves = [x.clone().requires_grad_() for x in (c["k"], c["v"], c["o"], c["g"], c["S0"])]
+    cot = torch.randn(c["q"].shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    grads = torch.autograd.grad(la_solve_q(*leaves, scale=c["scale"], chunk_size=2), leaves, cot)
+    ref = torch.autograd.grad(la_solve_q_dense_ref(*leaves, scale=c["scale"]), leaves, cot)
+    for name, a, r in zip(("dk", "dv", "do", "dg", "dS0"), grads, ref):
+        check = compare(f"grad/{name}", a, r, tolerance(Kind.GRAD, F64), dtype=F64)
+        assert check.passed, check.describe()
+
+
+# ---------------------------------------------------------------- Type2
+
+
+def test_la_solve_k_adjoint_is_vjp():
+    """A^T r of the solver's operator equals the autograd VJP of the forward in k."""
+    from iqa_verify.kernels.la_solve_k import _Operator
+
+    c = _case(T=10, D=3, E=2)
+    op = _Operator(c["q"], c["v"], c["g"], c["scale"], 4)
+    r = torch.randn(c["o"].shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    k = c["k"].clone().requires_grad_()
+    (vjp,) = torch.autograd.grad(la_forward_chunked(c["q"], k, c["v"], c["g"], None, scale=c["scale"])[0], k, r)
+    check = compare("A^T r", op.adjoint(r), vjp, tolerance(Kind.REFERENCE, F64), dtype=F64)
+    assert check.passed, check.describe()
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize(
+    "shape, noise", [((9, 3, 2), 0.0), ((9, 3, 2), 0.1), ((7, 2, 3), 0.1), ((6, 4, 1), 0.0)],
+    ids=["E<D-consistent", "E<D-least-squares", "E>D-least-squares", "E=1"],
+)
+def test_la_solve_k_matches_dense(dtype, shape, noise):
+    T, D, E = shape
+    c = _case(T=T, D=D, E=E, noise=noise, key_shift=0.0)
+    ref = la_solve_k_dense_ref(*_args(c, Unknown.K, F64), scale=c["scale"])
+    base = _baseline(c, Unknown.K, dtype) if dtype != F64 else None
+    out, stats = la_solve_k_with_stats(*_args(c, Unknown.K, dtype), scale=c["scale"], chunk_size=4)
+    assert out.dtype == dtype
+    assert stats.outcome is LsqrOutcome.CONVERGED, stats
+    assert stats.iterations.shape == (2, 2) and bool((stats.iterations >= 1).all())
+    _check("k", out, ref, dtype, base)
+
+
+def test_la_solve_k_reports_max_iter():
+    c = _case(T=9, D=3, E=2, noise=0.1)
+    out, stats = la_solve_k_with_stats(*_args(c, Unknown.K, F64), scale=c["scale"], settings=LsqrSettings(max_iter=2))
+    assert stats.outcome is LsqrOutcome.MAX_ITER
+    assert bool((stats.iterations == 2).all())
+    assert bool((stats.normal_residual > 1e-3).any())  # far from the solution after two steps
+    assert "raise max_iter" in stats.outcome.value
+
+
+def test_la_solve_k_gradients_finite_and_close_to_dense():
+    c = _case(T=6, D=2, E=2, B=1, noise=0.0, key_shift=0.0)
+    leaves = [x.clone().requires_grad_() for x in (c["q"], c["v"], c["o"], c["g"], c["S0"])]
+    cot = torch.randn(c["k"].shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    grads = torch.autograd.grad(la_solve_k(*leaves, scale=c["scale"], chunk_size=4), leaves, cot)
+    ref = torch.autograd.grad(la_solve_k_dense_ref(*leaves, scale=c["scale"]), leaves, cot)
+    for name, a, r in zip(("dq", "dv", "do", "dg", "dS0"), grads, ref):
+        check = compare(f"grad/{name}", a, r, tolerance(Kind.GRAD, F32), dtype=F64)
+        assert check.passed, check.describe()
+
+
+def test_la_solve_k_recursion_matches_reference_and_is_exact_for_e1():
+    c = _case(T=8, D=3, E=1)
+    args = _args(c, Unknown.K, F64)
+    k_rec = la_solve_k_recursion(*args, scale=c["scale"])
+    ref = la_solve_k_recursion_ref(*args, scale=c["scale"])
+    _check("k", k_rec, ref, F64)
+    back = la_forward_chunked(c["q"], k_rec, c["v"], c["g"], c["S0"], scale=c["scale"])[0]
+    _check("o", back, c["o"], F64)
+
+
+# ---------------------------------------------------------------- argument validation
+
+_C = _case(T=4)
+_BAD = {
+    "q-ndim": (la_solve_v, (_C["q"][0], _C["k"], _C["o"], _C["g"]), {}, r"q\.shape=\(4, 2, 3\): must be \[B, T, H, D\]"),
+    "k-shape": (la_solve_v, (_C["q"], _C["k"][..., :2], _C["o"], _C["g"]), {}, r"k\.shape=.*must be \[B, T, H, D\]"),
+    "o-time": (la_solve_q, (_C["k"], _C["v"], _C["o"][:, :3], _C["g"]), {}, r"o\.shape=.*\[B, T, H, E\]"),
+    "g-shape": (la_solve_k, (_C["q"], _C["v"], _C["o"], _C["g"][..., :1]), {}, r"g\.shape=.*\[B, T, H\]"),
+    "dtype": (la_solve_k, (_C["q"], _C["v"], _C["o"].float(), _C["g"]), {}, r"o\.dtype=torch\.float32: must match"),
+    "state-shape": (la_solve_q, (_C["k"], _C["v"], _C["o"], _C["g"], _C["S0"][..., :1]), {}, r"initial_state\.shape="),
+    "chunk-0": (la_solve_v, (_C["q"], _C["k"], _C["o"], _C["g"]), {"chunk_size": 0}, r"chunk_size=0: chunk size must be >= 1"),
+    "policy-str": (la_solve_v, (_C["q"], _C["k"], _C["o"], _C["g"]), {"on_singular": "raise"}, r"on_singular='raise'"),
+    "settings": (la_solve_k, (_C["q"], _C["v"], _C["o"], _C["g"]), {"settings": {"atol": 1}}, r"settings=.*LsqrSettings"),
+}
+
+
+@pytest.mark.parametrize("kernel, args, kwargs, message", list(_BAD.values()), ids=list(_BAD))
+def test_invalid_arguments(kernel, args, kwargs, message):
+    with pytest.raises(IqaVerifyError, match=message):
+        kernel(*args, **kwargs)
