@@ -157,6 +157,7 @@ class Family:
     baseline: Callable[[Mapping[str, torch.Tensor | None], dict[str, Any]], Tensors]
     properties: tuple[Property, ...]
     builtin_kernels: tuple[BuiltinKernel, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
     def name_outputs(self, raw: Any) -> Tensors:
         n = len(self.output_names)

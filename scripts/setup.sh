@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with iqa-verify (editable) and its test tools.
+# torch: on a machine without an NVIDIA driver the CPU build (torch==2.13.0, which pip takes from local disk
+# on the project's machines) is installed first, so the permissive range in pyproject.toml never pulls a
+# multi-GB CUDA build; with a driver present, pip picks the default (CUDA) build. Override with IQA_TORCH=...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if [ -n "${IQA_TORCH:-}" ]; then
+    pip install "$IQA_TORCH"
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    pip install "torch>=2.1"
+  else
+    pip install "torch==2.13.0"
+  fi
+fi
+pip install -e ".[dev]"
+.venv/bin/python -c "import torch, iqa_verify; print(f'iqa-verify ready: torch {torch.__version__}, cuda={torch.cuda.is_available()}')"

@@ -1,0 +1,24 @@
+"""Every built-in kernel of every family holds every property, in every dtype its family is verified in (ci profile)."""
+
+from __future__ import annotations
+
+import pytest
+
+from iqa_verify.pytest_plugin import verify
+from iqa_verify.registry import FAMILIES, family
+
+
+def _items():
+    for name in FAMILIES:
+        fam = family(name)
+        for kernel in fam.builtin_kernels:
+            short = kernel.impl.rsplit(":", 1)[-1]
+            for dtype in fam.dtypes:
+                dname = str(dtype).removeprefix("torch.")
+                for prop in fam.properties:
+                    yield pytest.param(kernel.impl, name, prop.id, dname, id=f"{prop.id}[{short}-{dname}]")
+
+
+@pytest.mark.parametrize(("impl", "family_name", "property_id", "dtype"), list(_items()))
+def test_builtin_kernel_holds(impl: str, family_name: str, property_id: str, dtype: str) -> None:
+    verify(impl, family_name, property_id, dtype, profile="ci", seed=0)
