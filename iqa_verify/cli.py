@@ -2,11 +2,14 @@
 
     iqa-verify check IMPL --family F [--device cpu|cuda] [--dtype D] [--profile ci|dev|thorough]
                      [--seed N] [--only ID ...] [--skip ID ...] [--case JSON] [--report DIR]
+    iqa-verify gate IMPL --family F (--baseline FILE | --write-baseline FILE) [--max-regression R]
+                    [--dtype D ...] [--device D] [--profile P] [--seed N]
     iqa-verify list
     iqa-verify report [--out DIR] [--profile P] [--seed N] [--dtype D ...] [--device D ...]
 
-Exit status: 0 every property holds; 1 a property fails (a kernel that raises on a valid input fails);
-2 usage errors (bad arguments, IMPL not importable, unknown family or property id); 130 interrupted.
+Exit status: 0 every property holds (and, for gate, none regressed); 1 a property fails or regressed (a
+kernel that raises on a valid input fails); 2 usage errors (bad arguments, IMPL not importable, unknown
+family or property id, unreadable or incompatible baseline); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ from pathlib import Path
 import torch
 
 from iqa_verify.errors import IqaVerifyError
+from iqa_verify.gate import (
+    DEFAULT_MAX_REGRESSION,
+    baseline_from_verdicts,
+    find_regressions,
+    load_baseline,
+    write_baseline,
+)
 from iqa_verify.loading import load_kernel
 from iqa_verify.outcomes import PropertyResult, Status, Verdict
 from iqa_verify.profiles import PROFILES, profile_named
@@ -119,6 +129,49 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if verdict.passed else EXIT_FAILED
 
 
+def _cmd_gate(args: argparse.Namespace) -> int:
+    if not args.baseline and not args.write_baseline:
+        raise IqaVerifyError("gate needs --baseline FILE (to compare) or --write-baseline FILE (to record one)")
+    if args.max_regression < 0:
+        raise IqaVerifyError(f"max_regression={args.max_regression}: must be >= 0 (0.5 allows +50%)")
+    fam = family(args.family)
+    baseline = load_baseline(Path(args.baseline)) if args.baseline else None
+    if baseline is not None and baseline.family != fam.name:
+        raise IqaVerifyError(f"baseline={args.baseline!r}: recorded for family {baseline.family!r}, not {fam.name!r}")
+    profile = args.profile or (baseline.profile if baseline else "ci")
+    seed = args.seed if args.seed is not None else (baseline.seed if baseline else 0)
+    dtypes = args.dtype or (baseline.dtypes() if baseline else ["float32"])
+    for d in dtypes:
+        if d not in DTYPES:
+            raise IqaVerifyError(f"dtype={d!r}: must be one of {', '.join(DTYPES)}")
+    kernel = load_kernel(args.impl)
+    device = parse_device(args.device)
+    progress = Progress()
+    verdicts = []
+    for d in dtypes:
+        cfg = RunConfig(fam, kernel, args.impl, DTYPES[d], device, profile_named(profile), seed)
+        verdicts.append(_run(cfg, argparse.Namespace(dtype=d, only=[], skip=[], case=None), progress))
+    print()
+    _print_table(verdicts)
+    _print_failures(verdicts)
+    regressions = find_regressions(verdicts, baseline, args.max_regression) if baseline else []
+    if baseline is not None:
+        if baseline.kernel != args.impl:
+            print(f"\nnote: the baseline was recorded for {baseline.kernel}")
+        if regressions:
+            print(f"\nREGRESSED against {args.baseline} ({len(regressions)} properties):")
+            for reg in regressions:
+                print(f"  {reg.describe()}")
+        else:
+            print(f"\nno property regressed by more than +{args.max_regression * 100:.0f}% against {args.baseline}")
+    if args.write_baseline:
+        write_baseline(Path(args.write_baseline), baseline_from_verdicts(verdicts))
+        print(f"baseline written: {args.write_baseline}")
+    if not all(v.complete for v in verdicts):
+        return EXIT_INTERRUPTED
+    return EXIT_OK if all(v.passed for v in verdicts) and not regressions else EXIT_FAILED
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     for name in FAMILIES:
         fam = family(name)
@@ -189,6 +242,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--skip", nargs="+", default=[], metavar="PROPERTY_ID", help="skip these properties")
     c.add_argument("--case", default=None, metavar="JSON", help="replay exactly this case spec (from a repro line)")
     c.add_argument("--report", default=None, metavar="DIR", help="write report.json and report.md here")
+    gt = sub.add_parser("gate", help="fail when a property fails or its worst error ratio regressed against a baseline")
+    gt.add_argument("impl", metavar="IMPL", help="package.module:attr or path/to/file.py:attr")
+    gt.add_argument("--family", required=True)
+    gt.add_argument("--baseline", default=None, metavar="FILE", help="baseline to compare with")
+    gt.add_argument("--write-baseline", default=None, metavar="FILE", help="record this run as a baseline")
+    gt.add_argument("--max-regression", type=float, default=DEFAULT_MAX_REGRESSION, metavar="R",
+                    help=f"allowed relative growth of a worst error ratio (default {DEFAULT_MAX_REGRESSION}: +50%%)")
+    gt.add_argument("--dtype", nargs="+", default=None, help="dtypes (default: the baseline's, else float32)")
+    gt.add_argument("--device", default="cpu")
+    gt.add_argument("--profile", default=None, choices=list(PROFILES), help="default: the baseline's")
+    gt.add_argument("--seed", type=int, default=None, help="default: the baseline's")
     sub.add_parser("list", help="families, properties and built-in kernels")
     r = sub.add_parser("report", help="verify every built-in kernel x family x dtype and write a report")
     r.add_argument("--out", default="reports")
@@ -201,7 +265,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"check": _cmd_check, "list": _cmd_list, "report": _cmd_report}
+    commands = {"check": _cmd_check, "gate": _cmd_gate, "list": _cmd_list, "report": _cmd_report}
     try:
         return commands[args.command](args)
     except (IqaVerifyError, KeyError) as exc:

@@ -2,11 +2,14 @@
 
     pytest --iqa-impl mypkg.kernels:la_forward --iqa-family la-forward [--iqa-dtype bfloat16 ...]
            [--iqa-device cuda] [--iqa-profile ci|dev|thorough] [--iqa-seed N]
+           [--iqa-baseline FILE [--iqa-max-regression R]]
 
 One item per property x dtype, named ``<property id>[<kernel>-<dtype>]`` (so JUnit XML and ``-k`` read
 well); a failing item prints the same message as the CLI: the tensors out of tolerance, the shrunk
 counterexample and the one-line repro. Works with pytest-xdist (``-n 2``): items are built the same way
-in every worker. :func:`verify` is the same check for tests that parametrize their own items.
+in every worker. With ``--iqa-baseline`` an item also fails when the property's worst error ratio grew
+by more than R against the baseline (``iqa-verify gate``; profile and seed default to the baseline's).
+:func:`verify` is the same check for tests that parametrize their own items.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import pytest
 import torch
 
 from iqa_verify.errors import IqaVerifyError
+from iqa_verify.gate import DEFAULT_MAX_REGRESSION, Baseline, find_regressions, load_baseline
 from iqa_verify.loading import load_kernel
-from iqa_verify.outcomes import PropertyResult, Status
+from iqa_verify.outcomes import PropertyResult, Status, Verdict
 from iqa_verify.profiles import profile_named
 from iqa_verify.registry import family
 from iqa_verify.runner import RunConfig, run_property
@@ -40,23 +44,28 @@ def failure_text(cfg: RunConfig, r: PropertyResult) -> str:
 
 
 def verify(impl: str, family_name: str, property_id: str, dtype: str, *, device: str = "cpu", profile: str = "ci",
-           seed: int = 0, report_dir: Path | None = None) -> PropertyResult:
-    """Run one property; ``pytest.fail`` with the full failure text unless it holds."""
+           seed: int = 0, report_dir: Path | None = None, baseline: Baseline | None = None,
+           max_regression: float = DEFAULT_MAX_REGRESSION) -> PropertyResult:
+    """Run one property; ``pytest.fail`` with the full failure text unless it holds (and, given a
+    baseline, unless its worst error ratio regressed)."""
     fam = family(family_name)
     cfg = RunConfig(fam, load_kernel(impl), impl, _DTYPES[dtype], torch.device(device), profile_named(profile), seed,
                     report_dir)
     result = run_property(cfg, fam.property(property_id))
     if result.status is not Status.PASSED:
         pytest.fail(failure_text(cfg, result), pytrace=False)
+    if baseline is not None:
+        verdict = Verdict(impl, family_name, dtype, str(cfg.device), profile, seed, [result])
+        for reg in find_regressions([verdict], baseline, max_regression):
+            pytest.fail(f"{property_id} regressed for {impl}: {reg.describe()}", pytrace=False)
     return result
 
 
 class PropertyItem(pytest.Item):
-    def __init__(self, *, impl: str, family_name: str, property_id: str, dtype: str, device: str, profile: str,
-                 seed: int, **kwargs) -> None:
+    def __init__(self, *, impl: str, family_name: str, property_id: str, dtype: str, opts: dict, **kwargs) -> None:
         super().__init__(**kwargs)
         self.args = (impl, family_name, property_id, dtype)
-        self.opts = {"device": device, "profile": profile, "seed": seed}
+        self.opts = opts
 
     def runtest(self) -> None:
         verify(*self.args, **self.opts)
@@ -73,8 +82,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--iqa-dtype", action="append", default=None, choices=list(_DTYPES),
                 help="dtype(s) to verify (repeatable; default float32 and bfloat16)")
     g.addoption("--iqa-device", default="cpu")
-    g.addoption("--iqa-profile", default="ci", choices=["ci", "dev", "thorough"])
-    g.addoption("--iqa-seed", type=int, default=0)
+    g.addoption("--iqa-profile", default=None, choices=["ci", "dev", "thorough"], help="default ci (or the baseline's)")
+    g.addoption("--iqa-seed", type=int, default=None, help="default 0 (or the baseline's)")
+    g.addoption("--iqa-baseline", default=None, metavar="FILE", help="fail properties whose worst error ratio regressed")
+    g.addoption("--iqa-max-regression", type=float, default=DEFAULT_MAX_REGRESSION, metavar="R")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -88,17 +99,25 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         fam = family(name)
         for impl in impls:
             load_kernel(impl)
+        path = config.getoption("iqa_baseline")
+        baseline = load_baseline(Path(path)) if path else None
     except (IqaVerifyError, KeyError) as exc:
         raise pytest.UsageError(str(exc.args[0] if exc.args else exc)) from None
     device = config.getoption("iqa_device")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise pytest.UsageError(f"--iqa-device={device}: CUDA is not available on this machine")
-    dtypes = config.getoption("iqa_dtype") or ["float32", "bfloat16"]
+    dtypes = config.getoption("iqa_dtype") or (baseline.dtypes() if baseline else ["float32", "bfloat16"])
+    opts = {
+        "device": device,
+        "profile": config.getoption("iqa_profile") or (baseline.profile if baseline else "ci"),
+        "seed": config.getoption("iqa_seed") if config.getoption("iqa_seed") is not None else (baseline.seed if baseline else 0),
+        "baseline": baseline,
+        "max_regression": config.getoption("iqa_max_regression"),
+    }
     for impl in impls:
         short = impl.rsplit(":", 1)[-1]
         for dtype in dtypes:
             for prop in fam.properties:
                 items.append(PropertyItem.from_parent(
                     session, name=f"{prop.id}[{short}-{dtype}]", impl=impl, family_name=name, property_id=prop.id,
-                    dtype=dtype, device=device, profile=config.getoption("iqa_profile"),
-                    seed=config.getoption("iqa_seed")))
+                    dtype=dtype, opts=opts))
