@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import traceback
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,7 +36,7 @@ from iqa_verify.loading import load_kernel
 from iqa_verify.outcomes import PropertyResult, Status, Verdict
 from iqa_verify.profiles import PROFILES, profile_named
 from iqa_verify.registry import FAMILIES, builtin_kernels, family
-from iqa_verify.report import summary_rows, write_report
+from iqa_verify.report import append_step_summary, summary_rows, write_report
 from iqa_verify.runner import RunConfig, check
 
 __all__ = ["main"]
@@ -121,6 +122,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     print()
     _print_table([verdict])
     _print_failures([verdict])
+    append_step_summary([verdict], f"iqa-verify check {args.impl}")
     if report_dir:
         paths = write_report(report_dir, [verdict], profile=args.profile, seed=args.seed)
         print(f"\nreport: {paths['md']} and {paths['json']}")
@@ -164,6 +166,7 @@ def _cmd_gate(args: argparse.Namespace) -> int:
                 print(f"  {reg.describe()}")
         else:
             print(f"\nno property regressed by more than +{args.max_regression * 100:.0f}% against {args.baseline}")
+    append_step_summary(verdicts, f"iqa-verify gate {args.impl}")
     if args.write_baseline:
         write_baseline(Path(args.write_baseline), baseline_from_verdicts(verdicts))
         print(f"baseline written: {args.write_baseline}")
@@ -196,23 +199,36 @@ def _cmd_report(args: argparse.Namespace) -> int:
     profile = profile_named(args.profile)
     progress = Progress()
     verdicts: list[Verdict] = []
+    diagnostics: dict = {}
     complete = True
+    names = args.family or list(FAMILIES)
+    for name in names:
+        family(name)  # unknown names: a usage error before anything runs
     try:
-        for name in FAMILIES:
+        for name in names:
             fam = family(name)
-            for k in builtin_kernels(name):
+            dtypes = args.dtype or [str(d).removeprefix("torch.") for d in fam.dtypes]
+            for k in fam.builtin_kernels:
                 kernel = load_kernel(k.impl)
                 for device in devices:
-                    for dtype_name in args.dtype:
+                    for dtype_name in dtypes:
                         cfg = RunConfig(fam, kernel, k.impl, DTYPES[dtype_name], device, profile, args.seed, out)
                         args_ns = argparse.Namespace(dtype=dtype_name, only=[], skip=[], case=None)
                         verdict = _run(cfg, args_ns, progress)
                         verdicts.append(verdict)
                         if not verdict.complete:
                             raise KeyboardInterrupt
+            if fam.diagnostics is not None:
+                print(f"{name}: diagnostics", file=progress.stream)
+                try:
+                    diagnostics[name] = list(fam.diagnostics(profile))
+                except Exception:  # a diagnostic that breaks is reported, not fatal
+                    diagnostics[name] = traceback.format_exc()
     except KeyboardInterrupt:
         complete = False
-    paths = write_report(out, verdicts, profile=args.profile, seed=args.seed, run_id=run_id, complete=complete)
+    paths = write_report(out, verdicts, profile=args.profile, seed=args.seed, run_id=run_id, complete=complete,
+                         diagnostics=diagnostics)
+    append_step_summary(verdicts, "iqa-verify report")
     latest = Path(args.out) / "latest"
     tmp = Path(args.out) / f".latest-{run_id}"
     shutil.copytree(out, tmp)
@@ -222,7 +238,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print()
     _print_table(verdicts)
     _print_failures(verdicts)
-    print(f"\nreport: {paths['md']} (copied to {latest}/)")
+    print(f"\nreport: {paths['html']} and {paths['md']} (copied to {latest}/)")
     if not complete:
         return EXIT_INTERRUPTED
     return EXIT_OK if all(v.passed for v in verdicts) else EXIT_FAILED
@@ -258,8 +274,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="reports")
     r.add_argument("--profile", default="ci", choices=list(PROFILES))
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--dtype", nargs="+", default=["float32", "bfloat16", "float16", "float64"], choices=list(DTYPES))
-    r.add_argument("--device", nargs="+", default=None)
+    r.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES), help="default: each family's dtypes")
+    r.add_argument("--family", nargs="+", default=None, help="default: every family")
+    r.add_argument("--device", nargs="+", default=None, help="default: cpu, and cuda when available")
     return p
 
 

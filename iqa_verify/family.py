@@ -15,6 +15,7 @@ import torch
 from hypothesis.strategies import SearchStrategy
 
 from iqa_verify.comparison import TensorCheck
+from iqa_verify.diagnostics import Diagnostic
 from iqa_verify.profiles import Profile
 
 __all__ = [
@@ -158,6 +159,7 @@ class Family:
     properties: tuple[Property, ...]
     builtin_kernels: tuple[BuiltinKernel, ...] = ()
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    diagnostics: Callable[[Profile], Sequence[Diagnostic]] | None = None
 
     def name_outputs(self, raw: Any) -> Tensors:
         n = len(self.output_names)

@@ -39,7 +39,8 @@ class Counterexample:
 @dataclass(frozen=True)
 class PropertyResult:
     """property_id; status; examples run; worst_ratio: the largest error/allowed seen over all examples
-    (None when the property compares no tensors); worst: the checks of the example with that ratio."""
+    (None when the property compares no tensors); worst: the checks of the example with that ratio;
+    ratios: each example's largest error ratio, in the order run (for distributions in reports)."""
 
     property_id: str
     title: str
@@ -50,6 +51,7 @@ class PropertyResult:
     worst: tuple[TensorCheck, ...] = ()
     counterexample: Counterexample | None = None
     error: str | None = None
+    ratios: tuple[float, ...] = ()
 
 
 @dataclass

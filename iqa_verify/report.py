@@ -1,4 +1,4 @@
-"""Write verdicts as ``report.json`` (versioned schema) and ``report.md``, atomically.
+"""Write verdicts as ``report.json`` (versioned schema), ``report.md`` and ``index.html``, atomically.
 
 Files are written to a temporary name in the target folder and renamed into place, so a crash or
 Ctrl-C never leaves a half-written report; a run that was interrupted writes what it verified with
@@ -21,9 +21,17 @@ from typing import Any
 
 import torch
 
+from iqa_verify.diagnostics import Diagnostic, Table
 from iqa_verify.outcomes import PropertyResult, Status, Verdict
 
-__all__ = ["SCHEMA_VERSION", "write_report", "verdict_to_dict", "render_markdown", "summary_rows"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "append_step_summary",
+    "render_markdown",
+    "summary_rows",
+    "verdict_to_dict",
+    "write_report",
+]
 
 SCHEMA_VERSION = 1
 
@@ -65,6 +73,7 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -94,12 +103,41 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
-def render_markdown(verdicts: Sequence[Verdict], meta: dict[str, Any]) -> str:
+def summary_markdown(verdicts: Sequence[Verdict]) -> str:
+    """The summary table and one line per failure with its repro: for CI job summaries."""
+    lines = _table(["kernel", "family", "dtype", "device", "verdict", "properties", "worst ratio"], summary_rows(verdicts))
+    for v in verdicts:
+        for r in v.failed():
+            repro = f": `{r.counterexample.repro}`" if r.counterexample else ""
+            lines.append(f"- **{r.property_id}** failed for `{v.kernel}` ({v.dtype}, {v.device}){repro}")
+    return "\n".join(lines) + "\n"
+
+
+def append_step_summary(verdicts: Sequence[Verdict], title: str = "iqa-verify") -> None:
+    """Append the Markdown summary to ``$GITHUB_STEP_SUMMARY`` when it is set (GitHub Actions)."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"## {title}\n\n{summary_markdown(verdicts)}\n")
+
+
+def render_markdown(verdicts: Sequence[Verdict], meta: dict[str, Any],
+                    diagnostics: dict[str, Sequence[Diagnostic] | str] | None = None) -> str:
     lines = [f"# iqa-verify report — {meta.get('run_id', '')}", ""]
     lines.append(f"Profile `{meta.get('profile')}`, seed {meta.get('seed')}, torch {meta['environment']['torch']}, "
                  f"created {meta.get('created')}." + ("" if meta.get("complete", True) else " **Interrupted: incomplete.**"))
     lines += ["", "Error ratio = worst |kernel − float64 reference| / allowed (≤ 1 passes); see README, tolerance policy.", ""]
     lines += _table(["kernel", "family", "dtype", "device", "verdict", "properties", "worst ratio"], summary_rows(verdicts))
+    for fam, diag in (diagnostics or {}).items():
+        tables = [d for d in diag if isinstance(d, Table)] if not isinstance(diag, str) else []
+        if isinstance(diag, str):
+            lines += ["", f"## {fam}: diagnostics could not be computed", "", "```", diag.strip(), "```"]
+        for t in tables:
+            lines += ["", f"## {fam}: {t.title}", ""] + _table(list(t.header), [list(r) for r in t.rows])
+            if t.note:
+                lines += ["", t.note]
+        if not isinstance(diag, str) and len(tables) < len(diag):
+            lines += ["", f"Charts for {fam} ({len(diag) - len(tables)}) are in index.html."]
     failures = [(v, r) for v in verdicts for r in v.failed()]
     if failures:
         lines += ["", "## Failures", ""]
@@ -124,8 +162,10 @@ def render_markdown(verdicts: Sequence[Verdict], meta: dict[str, Any]) -> str:
 
 
 def write_report(folder: Path, verdicts: Sequence[Verdict], *, profile: str, seed: int, run_id: str | None = None,
-                 complete: bool = True) -> dict[str, Path]:
-    """Write report.json and report.md under ``folder``; returns their paths."""
+                 complete: bool = True, diagnostics: dict[str, Sequence[Diagnostic] | str] | None = None,
+                 html: bool = True) -> dict[str, Path]:
+    """Write report.json, report.md and (unless ``html=False``) index.html under ``folder``; returns their
+    paths. ``diagnostics`` maps a family to its charts and tables, or to the error text that stopped them."""
     folder = Path(folder)
     meta = {
         "schema_version": SCHEMA_VERSION,
@@ -137,8 +177,13 @@ def write_report(folder: Path, verdicts: Sequence[Verdict], *, profile: str, see
         "complete": complete and all(v.complete for v in verdicts),
         "environment": _environment(),
     }
-    doc = {**meta, "verdicts": [verdict_to_dict(v) for v in verdicts]}
+    doc = {**meta, "verdicts": [verdict_to_dict(v) for v in verdicts], "diagnostics": _plain(diagnostics or {})}
     paths = {"json": folder / "report.json", "md": folder / "report.md"}
     _atomic_write(paths["json"], json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    _atomic_write(paths["md"], render_markdown(verdicts, meta))
+    _atomic_write(paths["md"], render_markdown(verdicts, meta, diagnostics))
+    if html:
+        from iqa_verify.html_report import render_html  # matplotlib is imported only when a page is drawn
+
+        paths["html"] = folder / "index.html"
+        _atomic_write(paths["html"], render_html(verdicts, meta, diagnostics))
     return paths

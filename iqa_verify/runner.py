@@ -76,6 +76,7 @@ class _Search:
         self.examples = 0
         self.worst_ratio: float | None = None
         self.worst: tuple[TensorCheck, ...] = ()
+        self.ratios: list[float] = []
         self.failures: dict[Any, _Failed] = {}
         self.first_failure_at: float | None = None
 
@@ -100,11 +101,14 @@ class _Search:
             self.prop.check(ctx)
         except Violation as v:
             failed = _Failed(spec, case.shapes(), v, list(v.checks or ctx.checks), case.inputs)
+            self.ratios.append(max((c.ratio for c in failed.checks), default=float("inf")))
             self.failures[spec] = failed
             if self.first_failure_at is None:
                 self.first_failure_at = time.monotonic()
             raise failed from None
         ratios = [c.ratio for c in ctx.checks]
+        if ratios:
+            self.ratios.append(max(ratios))
         if ratios and (self.worst_ratio is None or max(ratios) > self.worst_ratio):
             self.worst_ratio = max(ratios)
             self.worst = tuple(ctx.checks)
@@ -160,6 +164,7 @@ def run_property(
             worst_ratio=worst_ratio,
             worst=worst,
             counterexample=counterexample,
+            ratios=tuple(search.ratios),
             **kw,
         )
 

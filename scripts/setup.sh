@@ -18,4 +18,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 pip install -e ".[dev]"
+# Headless Chromium checks the HTML report in a real browser (tests/test_html_report.py). Debian's package,
+# installed when missing and this user may (root with apt-get); set IQA_NO_BROWSER=1 to skip.
+if [ -z "${IQA_NO_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ]; then
+  echo "installing chromium (Debian package) for the browser check of the HTML report"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 .venv/bin/python -c "import torch, iqa_verify; print(f'iqa-verify ready: torch {torch.__version__}, cuda={torch.cuda.is_available()}')"
