@@ -35,7 +35,7 @@ from iqa_verify.gate import (
 from iqa_verify.loading import load_kernel
 from iqa_verify.outcomes import PropertyResult, Status, Verdict
 from iqa_verify.profiles import PROFILES, profile_named
-from iqa_verify.registry import FAMILIES, builtin_kernels, family
+from iqa_verify.registry import FAMILIES, builtin_kernels, family, optional_kernels
 from iqa_verify.report import append_step_summary, summary_rows, write_report
 from iqa_verify.runner import RunConfig, check
 
@@ -185,6 +185,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print("  built-in kernels:" if kernels else "  built-in kernels: none")
         for k in kernels:
             print(f"    {k.impl}  ({k.summary})")
+        for o in optional_kernels():
+            if o.family == name and o.missing:
+                print(f"    {o.kernel.impl}  (unavailable here: {o.missing})")
         print()
     print(f"profiles: {', '.join(f'{p.name} ({p.max_examples} examples/property)' for p in PROFILES.values())}")
     print(f"dtypes: {', '.join(DTYPES)}")
@@ -208,7 +211,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         for name in names:
             fam = family(name)
             dtypes = args.dtype or [str(d).removeprefix("torch.") for d in fam.dtypes]
-            for k in fam.builtin_kernels:
+            for k in builtin_kernels(name):
                 kernel = load_kernel(k.impl)
                 for device in devices:
                     for dtype_name in dtypes:

@@ -43,6 +43,8 @@ class TensorCheck:
     allowed_terms: tuple[float, float, float] = (0.0, 0.0, 0.0)
     worst_rel: float = 0.0
     worst_rel_index: tuple[int, ...] = ()
+    max_abs: float = 0.0
+    max_abs_index: tuple[int, ...] = ()
     nonfinite: int = 0
     baseline_err: float | None = None
     tolerance: Tolerance | None = None
@@ -62,11 +64,12 @@ class TensorCheck:
         factor = self.tolerance.baseline_factor if self.tolerance else 0.0
         lines = [
             head,
-            f"  worst abs diff {self.worst_abs:.3e} at {list(self.worst_index)}"
+            f"  abs diff {self.worst_abs:.3e} at {list(self.worst_index)}"
             f" (kernel {self.actual_at_worst:.6g}, reference {self.expected_at_worst:.6g});"
             f" allowed there {self.allowed_at_worst:.3e} = rtol*|ref| {rt:.2e} + atol*scale {at:.2e}"
             f" + {factor:g}*baseline {bt:.2e}",
-            f"  worst rel diff {self.worst_rel:.3e} at {list(self.worst_rel_index)}",
+            f"  largest abs diff {self.max_abs:.3e} at {list(self.max_abs_index)};"
+            f" largest rel diff {self.worst_rel:.3e} at {list(self.worst_rel_index)}",
         ]
         if self.nonfinite:
             lines.append(f"  {self.nonfinite} non-finite kernel values where the reference is finite")
@@ -135,6 +138,7 @@ def compare(
     ratio = float(ratio_all[worst])
     rel = torch.where(comparable & (r_c != 0), err / r_c.abs().clamp_min(finfo.tiny), torch.zeros_like(err))
     worst_rel = int(torch.argmax(torch.nan_to_num(rel, nan=float("inf"))))
+    largest = int(torch.argmax(torch.nan_to_num(err, nan=float("inf"))))
     mismatches = int((ratio_all > 1).sum())
     shape = tuple(actual.shape)
     return TensorCheck(
@@ -151,6 +155,8 @@ def compare(
         allowed_terms=(float(rel_term[worst]), abs_term, base_term),
         worst_rel=float(rel[worst_rel]),
         worst_rel_index=_index(worst_rel, shape),
+        max_abs=float(err[largest]),
+        max_abs_index=_index(largest, shape),
         nonfinite=int(nonfinite_mask.sum()),
         baseline_err=base_err,
         tolerance=tol,

@@ -33,7 +33,8 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch
 
 
 def failure_text(cfg: RunConfig, r: PropertyResult) -> str:
-    head = f"{r.property_id} {r.status.label} for {cfg.kernel_name} ({cfg.dtype}, {cfg.device}): {r.title}"
+    dtype = str(cfg.dtype).removeprefix("torch.")
+    head = f"{r.property_id} {r.status.label} for {cfg.kernel_name} ({dtype}, {cfg.device}): {r.title}"
     if r.counterexample:
         c = r.counterexample
         lines = [head, f"shrunk counterexample: {c.shapes}; {c.regime}", c.message, f"reproduce: {c.repro}"]

@@ -2,19 +2,27 @@
 
 A :class:`Registry` refuses duplicate names and raises ``KeyError`` listing the valid ones. Each
 family lives in its own module under ``properties/`` (attribute ``FAMILY``), which also lists the
-family's built-in kernels; modules are imported lazily so ``iqa-verify --help`` and argument errors
-stay fast.
+family's built-in PyTorch kernels; modules are imported lazily so ``iqa-verify --help`` and argument
+errors stay fast.
+
+Kernels that need optional packages (Triton, third-party libraries through adapters) come from
+*provider* modules listed in :data:`OPTIONAL_PROVIDERS`. A provider has a function
+``optional_kernels() -> Sequence[OptionalKernel]``; it must be cheap to import (no import of the
+optional package itself) and say, for each kernel, what is missing when it cannot run here.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from iqa_verify.family import BuiltinKernel, Family
 
-__all__ = ["Registry", "FAMILIES", "family", "builtin_kernels"]
+__all__ = ["Registry", "FAMILIES", "OPTIONAL_PROVIDERS", "OptionalKernel", "family", "builtin_kernels",
+           "optional_kernels"]
 
 T = TypeVar("T")
 
@@ -46,6 +54,10 @@ class Registry(Generic[T]):
 FAMILIES: Registry[str] = Registry("family")
 for _name, _module in (
     ("la-forward", "properties.la_forward"),
+    ("la-solve-v", "properties.la_inverse.solve_v"),
+    ("la-solve-k", "properties.la_inverse.solve_k"),
+    ("la-solve-q", "properties.la_inverse.solve_q"),
+    ("iqa", "properties.iqa"),
 ):
     FAMILIES.register(_name, _module)
 
@@ -55,5 +67,29 @@ def family(name: str) -> Family:
     return importlib.import_module(FAMILIES[name]).FAMILY
 
 
+@dataclass(frozen=True)
+class OptionalKernel:
+    """A kernel of ``family`` that needs optional packages; ``missing`` says what is absent (None: runnable)."""
+
+    family: str
+    kernel: BuiltinKernel
+    missing: str | None = None
+
+
+OPTIONAL_PROVIDERS: tuple[str, ...] = ("iqa_verify.triton", "iqa_verify.adapters")
+
+
+def optional_kernels() -> list[OptionalKernel]:
+    """Every optional kernel of every provider that exists in this installation."""
+    out: list[OptionalKernel] = []
+    for name in OPTIONAL_PROVIDERS:
+        if importlib.util.find_spec(name) is None:
+            continue
+        out.extend(importlib.import_module(name).optional_kernels())
+    return out
+
+
 def builtin_kernels(family_name: str) -> tuple[BuiltinKernel, ...]:
-    return family(family_name).builtin_kernels
+    """The family's own kernels plus the optional kernels that can run in this installation."""
+    extra = tuple(o.kernel for o in optional_kernels() if o.family == family_name and o.missing is None)
+    return family(family_name).builtin_kernels + extra

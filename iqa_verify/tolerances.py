@@ -35,11 +35,19 @@ __all__ = ["Kind", "Tolerance", "TABLE", "tolerance"]
 
 
 class Kind(enum.Enum):
-    """What is compared: values, gradients, or a float64 reference against an exact oracle."""
+    """What is compared: values, gradients, a float64 reference against an exact oracle, or a
+    fixed-point residual ``f(y) - y`` against zero (its ``atol`` is in units of the values' scale)."""
 
     VALUE = "value"
     GRAD = "grad"
     REFERENCE = "reference"
+    # Solvers of the inverse forms (la-solve-v/k/q). Their outputs cannot be judged elementwise against a
+    # reference where the system is ill-conditioned or singular, so they are judged by normwise error
+    # bounds: BACKWARD_ERROR bounds ‖A^T(A x - b)‖ / (‖A‖ (‖A‖ ‖x‖ + ‖b‖)) and the O round-trip
+    # residual; FORWARD_ERROR is the factor c in ‖x - x_ref‖ <= c * kappa(A) * ‖x_ref‖ (+ kappa^2 term).
+    BACKWARD_ERROR = "backward-error"
+    FORWARD_ERROR = "forward-error"
+    RESIDUAL = "residual"
 
 
 @dataclass(frozen=True)
@@ -67,8 +75,32 @@ def _entries() -> dict[tuple[Kind, torch.dtype], Tolerance]:
         (Kind.GRAD, torch.float32): (1e-4, 1e-4, 8.0),
         (Kind.GRAD, torch.float16): (5e-3, 5e-3, 8.0),
         (Kind.GRAD, torch.bfloat16): (4e-2, 4e-2, 8.0),
+        # Solvers (atol only: the expected value is 0, or the scale is a normwise bound). A backward-stable
+        # solver reaches a few eps; the allowance is 1024 eps of the output dtype because a least-squares
+        # solver may treat singular values below ~64 max(D, E) eps sigma_max as zero (a rank decision in
+        # the accumulation dtype, see la_solve_q.RANK_RTOL_ULPS), which leaves a residual of that size.
+        # bf16/fp16 solvers accumulate in float32; rounding the answer leaves ~eps of the output dtype.
+        (Kind.BACKWARD_ERROR, torch.float64): (0.0, 1024 * 2.0**-52, 0.0),
+        (Kind.BACKWARD_ERROR, torch.float32): (0.0, 1024 * 2.0**-23, 0.0),
+        (Kind.BACKWARD_ERROR, torch.float16): (0.0, 8 * 2.0**-10, 0.0),
+        (Kind.BACKWARD_ERROR, torch.bfloat16): (0.0, 8 * 2.0**-7, 0.0),
+        (Kind.FORWARD_ERROR, torch.float64): (0.0, 1024 * 2.0**-52, 0.0),
+        (Kind.FORWARD_ERROR, torch.float32): (0.0, 1024 * 2.0**-23, 0.0),
+        (Kind.FORWARD_ERROR, torch.float16): (0.0, 8 * 2.0**-10, 0.0),
+        (Kind.FORWARD_ERROR, torch.bfloat16): (0.0, 8 * 2.0**-7, 0.0),
         # float64 references against sympy closed forms and against each other
         (Kind.REFERENCE, torch.float64): (1e-12, 1e-12, 0.0),
+        # Fixed-point residuals (family iqa): f(y) - y of a kernel's output, evaluated in float64, against
+        # zero; rtol has nothing to act on (the reference is 0) and is 0. atol x max(|y|, |V|) covers a
+        # solver stopping at its default relative residual (iqa_verify.iqa.solvers.DEFAULT_TOL: 1e-12,
+        # 1e-6 in float32 compute; a Frobenius residual spreads over <= N*E entries); the baseline term
+        # is the residual of the float64 fixed point rounded to the kernel's dtype (what rounding the
+        # output alone costs: dominant for bf16/fp16 outputs). The same atol bounds how far a reported
+        # "converged" residual may sit above the stated tolerance when recomputed in float64.
+        (Kind.RESIDUAL, torch.float64): (0.0, 1e-10, 4.0),
+        (Kind.RESIDUAL, torch.float32): (0.0, 2e-5, 4.0),
+        (Kind.RESIDUAL, torch.float16): (0.0, 2e-3, 4.0),
+        (Kind.RESIDUAL, torch.bfloat16): (0.0, 4e-3, 4.0),
     }
     return {
         key: Tolerance(*vals, source=f"tolerances.TABLE[{key[0].value}, {str(key[1]).removeprefix('torch.')}]")

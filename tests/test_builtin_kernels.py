@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from iqa_verify.pytest_plugin import verify
-from iqa_verify.registry import FAMILIES, family
+from iqa_verify.registry import FAMILIES, builtin_kernels, family
 
 
 def _items():
     for name in FAMILIES:
         fam = family(name)
-        for kernel in fam.builtin_kernels:
+        for kernel in builtin_kernels(name):
             short = kernel.impl.rsplit(":", 1)[-1]
             for dtype in fam.dtypes:
                 dname = str(dtype).removeprefix("torch.")

@@ -1,0 +1,317 @@
+"""Properties of the inverse forms (SPEC §2): what a least-squares solver of ``la_forward(...)[0] = o`` owes.
+
+Per batch and head the problem is ``vec(O) = A vec(X) + c`` (:func:`reference.la_inverse.la_linear_map`),
+``b = vec(O) - c``, ``x_ref = pinv(A) b`` (float64), ``r = b - A x_ref`` (the part of b no X reaches),
+``sigma`` the singular values of A, ``rank`` its numerical rank (torch's pinv cut-off), ``kappa =
+sigma_max / sigma_rank``. All norms are 2-norms per (batch, head); ``eps``-based allowances come from
+the tolerance table (:data:`Kind.BACKWARD_ERROR`, :data:`Kind.FORWARD_ERROR`). The properties:
+
+- ``backward-error``: ``|A^T (A x - b)| <= atol * ‖A‖ (‖A‖ ‖x‖ + ‖o‖ + ‖c‖)`` elementwise, whatever the
+  conditioning (the normal-equation residual of a backward-stable least-squares solver).
+- ``o-roundtrip``: ``la_forward(x)`` equals the consistent part ``A x_ref + c`` of o (o itself when o
+  is consistent) within ``atol * (‖A‖ max(‖x‖, ‖x_ref‖) + ‖o‖ + ‖c‖ + kappa ‖r‖)``.
+- ``unknown-roundtrip``: solving ``o' = la_forward(x_true)`` gives x_true where the unknown is
+  identifiable (rank = its size: Type1 all q_t·k_t != 0; Type3 every S_t of full column rank; Type2 the
+  map of K of full column rank), else its projection ``pinv(A) A x_true`` onto the row space; within
+  ``atol * kappa (‖x_true‖ + (‖o‖ + ‖c‖) / ‖A‖)`` where ``kappa eps`` is small (see :func:`forward_checked`).
+- ``idempotent``: solving ``la_forward(x)`` again gives x back (x is in the row space), same bound.
+- ``minimum-norm``: x equals the float64 ``pinv(A) b`` within ``atol * (kappa (‖x_ref‖ + (‖o‖ + ‖c‖) /
+  sigma_max) + kappa^2 ‖r‖ / sigma_max)`` where ``kappa eps`` is small; where the system is worse conditioned only the backward
+  error and the O round trip are demanded.
+- ``gradients``: on full-column-rank systems with ``kappa eps`` small (there the pseudo-inverse is
+  smooth), gradients equal those of the float64 dense pinv under the GRAD tolerance and baseline rule,
+  its atol scaled up to ``kappa^2 * FORWARD_ERROR atol * ‖ref‖∞`` where that is larger (derivatives of a least-squares
+  solution are conditioned like kappa^2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from iqa_verify.comparison import TensorCheck, compare
+from iqa_verify.family import Case, PropertyContext, Violation
+from iqa_verify.tolerances import Kind, tolerance
+from properties.generic import reference_forward_backward, run_forward_backward
+from properties.la_inverse.cases import build_solve_problem
+from reference.la_forward import la_forward_ref
+from reference.la_inverse import LinearMap, Unknown, la_linear_map
+
+__all__ = [
+    "DenseSystem",
+    "analyse",
+    "check_backward_error",
+    "check_gradients",
+    "check_idempotent",
+    "check_minimum_norm",
+    "check_o_roundtrip",
+    "check_unknown_roundtrip",
+    "forward_checked",
+]
+
+F64 = torch.float64
+
+
+def forward_checked(kappa: float, dtype: torch.dtype) -> bool:
+    """Forward errors are demanded where ``kappa <= 1 / sqrt(eps)`` of the compute dtype (float32 for
+    bf16/fp16): there the nonzero singular values sit far above any solver's rank cut-off (a few
+    hundred eps sigma_max), so the pseudo-inverse is continuous and ``kappa * eps`` a meaningful bound."""
+    eps = torch.finfo(torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype).eps
+    return math.isfinite(kappa) and kappa * math.sqrt(eps) <= 1.0
+
+
+@dataclass(frozen=True)
+class DenseSystem:
+    """The float64 dense system of one case: map, rhs ``b`` [B, H, T*E], ``x_ref`` [B, T, H, n],
+    ``data_norm = ‖vec(O)‖ + ‖c‖`` (what a solver forming b = vec(O) - c rounds), residual norm ``r_norm``, ``sigma_max``, ``rank``, ``kappa`` (all [B, H]), and ``n_cols = T*n``."""
+
+    unknown: Unknown
+    lmap: LinearMap
+    b: torch.Tensor
+    x_ref: torch.Tensor
+    data_norm: torch.Tensor
+    r_norm: torch.Tensor
+    sigma_max: torch.Tensor
+    rank: torch.Tensor
+    kappa: torch.Tensor
+    n_cols: int
+
+    def identifiable(self, bh: tuple[int, int]) -> bool:
+        return int(self.rank[bh]) == self.n_cols
+
+    def describe(self, bh: tuple[int, int]) -> str:
+        ident = "identifiable" if self.identifiable(bh) else "not identifiable (minimum-norm answer)"
+        return (f"system {tuple(self.lmap.matrix.shape[-2:])} at (b={bh[0]}, h={bh[1]}): rank {int(self.rank[bh])} of"
+                f" {self.n_cols} ({ident}), kappa {float(self.kappa[bh]):.3g}, sigma_max {float(self.sigma_max[bh]):.3g},"
+                f" inconsistent part ‖r‖ {float(self.r_norm[bh]):.3g}")
+
+
+def _unknown(case: Case) -> Unknown:
+    return case.spec.unknown
+
+
+def _float64_inputs(case: Case) -> dict[str, torch.Tensor | None]:
+    return {n: (t.detach().to("cpu", F64) if t is not None else None) for n, t in case.inputs.items()}
+
+
+def analyse(unknown: Unknown, inputs: dict[str, torch.Tensor | None], scale: float) -> DenseSystem:
+    """Dense float64 analysis of the inverse problem with kernel inputs ``inputs`` (contract order)."""
+    a, b_, o, g, s0 = inputs.values()
+    lmap = la_linear_map(unknown, a, b_, o, g, s0, scale=scale)
+    A = lmap.matrix
+    sigma = torch.linalg.svdvals(A)  # [B, H, min(m, n)]
+    smax = sigma[..., 0]
+    cut = torch.finfo(F64).eps * max(A.shape[-2:]) * smax
+    nonzero = sigma > cut.unsqueeze(-1)
+    rank = nonzero.sum(-1)
+    smin = torch.where(nonzero, sigma, torch.full_like(sigma, math.inf)).min(-1).values
+    kappa = torch.where(rank > 0, smax / smin, torch.ones_like(smax))
+    rhs = lmap.rhs(o)
+    x_ref = lmap.solve(o)
+    r = rhs - (A @ _vec_unknown(x_ref).unsqueeze(-1)).squeeze(-1)
+    data = lmap.offset.norm(dim=-1) + (rhs + lmap.offset).norm(dim=-1)
+    return DenseSystem(unknown, lmap, rhs, x_ref, data, r.norm(dim=-1), smax, rank, kappa, A.shape[-1])
+
+
+def _vec_unknown(x: torch.Tensor) -> torch.Tensor:
+    B, T, H, n = x.shape
+    return x.to(F64).transpose(1, 2).reshape(B, H, T * n)
+
+
+def _bh_list(sys_: DenseSystem) -> list[tuple[int, int]]:
+    B, H = sys_.rank.shape
+    return [(b, h) for b in range(B) for h in range(H)]
+
+
+def _solve(ctx: PropertyContext) -> torch.Tensor:
+    return _checked_output(ctx, ctx.call())
+
+
+def _checked_output(ctx: PropertyContext, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    name = ctx.family.output_names[0]
+    expected = ctx.family.output_contract(ctx.case)[name].shape
+    if tuple(out[name].shape) != expected:
+        raise Violation(f"out/{name}: shape {tuple(out[name].shape)} but the contract requires {expected}")
+    return out[name].detach()
+
+
+def _with_note(check: TensorCheck, note: str) -> TensorCheck:
+    return dataclasses.replace(check, note=(check.note + "; " if check.note else "") + note)
+
+
+def _per_bh(path: str, actual: torch.Tensor, expected: torch.Tensor, kind: Kind, dtype: torch.dtype,
+            scales: dict[tuple[int, int], float], notes: dict[tuple[int, int], str]) -> list[TensorCheck]:
+    """Compare [B, T, H, n] tensors one (batch, head) at a time, each with its own normwise scale."""
+    tol = tolerance(kind, dtype)
+    checks = []
+    for (b, h), scale in scales.items():
+        c = compare(f"{path}[b={b},h={h}]", actual[b, :, h], expected[b, :, h], tol, dtype=dtype, scale=scale)
+        checks.append(_with_note(c, notes[(b, h)]))
+    return checks
+
+
+def _unvec(x: torch.Tensor, T: int, n: int) -> torch.Tensor:
+    """[B, H, T*n] -> [B, T, H, n]."""
+    B, H, _ = x.shape
+    return x.reshape(B, H, T, n).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def check_backward_error(ctx: PropertyContext) -> None:
+    x = _solve(ctx)
+    case = ctx.case
+    sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
+    A = sys_.lmap.matrix
+    xv = _vec_unknown(x)
+    if not bool(torch.isfinite(xv).all()):
+        bad = int((~torch.isfinite(xv)).sum())
+        raise Violation(f"out/{_unknown(case).value}: {bad} non-finite values; the minimum-norm least-squares"
+                        " solution is finite for finite inputs (a pseudo-inverse, not an exact inverse, is needed"
+                        " where the system is singular)")
+    resid = (A @ xv.unsqueeze(-1)).squeeze(-1) - sys_.b
+    normal = (A.transpose(-1, -2) @ resid.unsqueeze(-1)).squeeze(-1)  # [B, H, T*n]
+    T, n = x.shape[1], sys_.lmap.n
+    scales, notes = {}, {}
+    for bh in _bh_list(sys_):
+        smax = float(sys_.sigma_max[bh])
+        scales[bh] = smax * (smax * float(xv[bh].norm()) + float(sys_.data_norm[bh]))
+        notes[bh] = f"A^T(A x - b) against 0, scale ‖A‖(‖A‖‖x‖+‖o‖+‖c‖) = {scales[bh]:.3g}; {sys_.describe(bh)}"
+    checks = _per_bh("normal-residual", _unvec(normal, T, n), torch.zeros_like(_unvec(normal, T, n)),
+                     Kind.BACKWARD_ERROR, case.dtype, scales, notes)
+    ctx.require(checks, "normal-equation residual A^T(A x - b) too large: x is not a least-squares solution")
+
+
+def check_o_roundtrip(ctx: PropertyContext) -> None:
+    x = _solve(ctx)
+    case = ctx.case
+    sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
+    lm = sys_.lmap
+    got = lm.apply(x)  # la_forward with the solution, float64
+    want = lm.apply(sys_.x_ref)  # the consistent part of o
+    scales, notes = {}, {}
+    for bh in _bh_list(sys_):
+        smax, kappa = float(sys_.sigma_max[bh]), float(sys_.kappa[bh])
+        xn = max(float(_vec_unknown(x)[bh].norm()), float(_vec_unknown(sys_.x_ref)[bh].norm()))
+        scales[bh] = smax * xn + float(sys_.data_norm[bh]) + kappa * float(sys_.r_norm[bh])
+        notes[bh] = (f"la_forward(x) against the consistent part of o, scale ‖A‖max(‖x‖,‖x_ref‖)+‖o‖+‖c‖+kappa‖r‖"
+                     f" = {scales[bh]:.3g}; {sys_.describe(bh)}")
+    checks = _per_bh("o-roundtrip/o", got, want, Kind.BACKWARD_ERROR, case.dtype, scales, notes)
+    ctx.require(checks, "la_forward of the solution does not reproduce the consistent part of o")
+
+
+def _forward_error_checks(path: str, got: torch.Tensor, want: torch.Tensor, sys_: DenseSystem, dtype: torch.dtype,
+                          extra: str, kappa2_term: bool) -> list[TensorCheck]:
+    scales, notes, skipped = {}, {}, []
+    for bh in _bh_list(sys_):
+        kappa = float(sys_.kappa[bh])
+        if not forward_checked(kappa, dtype):
+            skipped.append(f"(b={bh[0]}, h={bh[1]}) kappa {kappa:.3g}")
+            continue
+        smax = max(float(sys_.sigma_max[bh]), 1e-300)
+        scale = kappa * (float(_vec_unknown(want)[bh].norm()) + float(sys_.data_norm[bh]) / smax)
+        if kappa2_term:
+            scale += kappa * kappa * float(sys_.r_norm[bh]) / smax
+        scales[bh] = scale
+        notes[bh] = f"{extra}; allowed atol * scale, scale = kappa (‖x_ref‖ + (‖o‖+‖c‖)/‖A‖){' + kappa^2 ‖r‖/‖A‖' if kappa2_term else ''} = {scale:.3g}; {sys_.describe(bh)}"
+    checks = _per_bh(path, got, want, Kind.FORWARD_ERROR, dtype, scales, notes)
+    if skipped:
+        checks.append(TensorCheck(path=f"{path}[too ill-conditioned]", passed=True, ratio=0.0,
+                                  note="forward error not demanded (kappa > 1/sqrt(eps)) for " + ", ".join(skipped)))
+    return checks
+
+
+def check_minimum_norm(ctx: PropertyContext) -> None:
+    x = _solve(ctx)
+    case = ctx.case
+    sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
+    u = _unknown(case).value
+    checks = _forward_error_checks(f"out/{u}", x, sys_.x_ref, sys_, case.dtype,
+                                   "kernel against the float64 minimum-norm solution pinv(A) b", True)
+    ctx.require(checks, "the solution is not the minimum-norm least-squares solution (float64 pinv(A) b)")
+
+
+def _solve_for(ctx: PropertyContext, o: torch.Tensor) -> torch.Tensor:
+    """Call the kernel on the case's knowns with ``o`` replaced (o [B, T, H, E] float64)."""
+    inputs = dict(ctx.case.inputs)
+    inputs["o"] = o.to(device=ctx.case.device, dtype=ctx.case.dtype)
+    return _checked_output(ctx, ctx.call(inputs))
+
+
+def check_unknown_roundtrip(ctx: PropertyContext) -> None:
+    case = ctx.case
+    u = _unknown(case)
+    problem = build_solve_problem(case.spec, case.dtype)
+    fwd = problem.forward_inputs
+    o = la_forward_ref(fwd["q"], fwd["k"], fwd["v"], fwd["g"], fwd["initial_state"], scale=case.kwargs["scale"])[0]
+    o = o.to(case.dtype).to(F64)
+    x = _solve_for(ctx, o)
+    inputs = {**_float64_inputs(case), "o": o}
+    sys_ = analyse(u, inputs, case.kwargs["scale"])
+    A = sys_.lmap.matrix
+    xt = _vec_unknown(problem.x_true)
+    projected = (torch.linalg.pinv(A) @ (A @ xt.unsqueeze(-1))).squeeze(-1)
+    want = _unvec(projected, x.shape[1], sys_.lmap.n)
+    checks = _forward_error_checks(f"roundtrip/{u.value}", x, want, sys_, case.dtype,
+                                   "solve(la_forward(x_true)) against x_true (its row-space projection where"
+                                   " not identifiable)", False)
+    ctx.require(checks, "solving la_forward(x_true) does not give x_true back (or its projection)")
+
+
+def check_idempotent(ctx: PropertyContext) -> None:
+    case = ctx.case
+    u = _unknown(case)
+    x1 = _solve(ctx)
+    inputs = _float64_inputs(case)
+    sys_ = analyse(u, {**inputs}, case.kwargs["scale"])
+    o2 = sys_.lmap.apply(x1).to(case.dtype).to(F64)
+    x2 = _solve_for(ctx, o2)
+    sys2 = analyse(u, {**inputs, "o": o2}, case.kwargs["scale"])
+    checks = _forward_error_checks(f"idempotent/{u.value}", x2, x1.to(F64), sys2, case.dtype,
+                                   "solve(la_forward(x)) against x, x the first solution", False)
+    ctx.require(checks, "solving la_forward(x) for the kernel's own solution x does not give x back")
+
+
+def check_gradients(ctx: PropertyContext) -> None:
+    case = ctx.case
+    sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
+    eligible = [bh for bh in _bh_list(sys_) if sys_.identifiable(bh) and forward_checked(float(sys_.kappa[bh]), case.dtype)]
+    if len(eligible) < len(_bh_list(sys_)):
+        ctx.record([TensorCheck(path="grad/*", passed=True, ratio=0.0,
+                                note="not demanded: the system is rank deficient or ill-conditioned in some (batch,"
+                                     " head), where the pseudo-inverse is not smooth")])
+        return
+    ref, cots = reference_forward_backward(ctx)
+    got = run_forward_backward(ctx, cots)
+    base = _baseline_grads(ctx, cots)
+    tol = tolerance(Kind.GRAD, case.dtype)
+    kappa = float(sys_.kappa.max())
+    # derivatives of a least-squares solution are conditioned like kappa^2: allow kappa^2 * FORWARD_ERROR atol
+    widen = max(1.0, kappa * kappa * tolerance(Kind.FORWARD_ERROR, case.dtype).atol / tol.atol)
+    checks = []
+    for n, r in ref.grads.items():
+        r = r if r is not None else torch.zeros_like(case.inputs[n], dtype=F64)
+        g = got.grads[n]
+        if g is None:
+            g = torch.zeros_like(r)
+        c = compare(f"grad/d{n}", g, r, tol, dtype=case.dtype, baseline=base.get(n),
+                    scale=widen * float(r.abs().max()))
+        checks.append(_with_note(c, f"atol x scale with scale = max(1, kappa^2 atol_fwd / atol) ‖ref‖∞, kappa {kappa:.3g}"))
+    ctx.require(checks, "gradients differ from those of the float64 dense pseudo-inverse")
+
+
+def _baseline_grads(ctx: PropertyContext, cots: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    case, fam = ctx.case, ctx.family
+    inputs = {n: (t.detach() if t is not None else None) for n, t in case.inputs.items()}
+    leaves = {n: inputs[n].requires_grad_() for n in fam.differentiable(case)}
+    with torch.enable_grad():
+        outs = fam.baseline(inputs, case.kwargs)
+        names = list(cots)
+        grads = torch.autograd.grad([outs[n] for n in names], list(leaves.values()),
+                                    [cots[n].to(outs[n].dtype) for n in names], allow_unused=True)
+    return dict(zip(leaves, grads))
+
