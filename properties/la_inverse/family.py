@@ -112,7 +112,14 @@ def inverse_family(unknown: Unknown, builtin_kernels: tuple[BuiltinKernel, ...])
         properties=_properties(unknown, name),
         builtin_kernels=builtin_kernels,
         dtypes=(torch.float32, torch.float64),
+        diagnostics=partial(_solvability, unknown),
     )
+
+
+def _solvability(unknown, profile):
+    from properties.la_inverse.solvability import solvability_tables  # imports every inverse kernel
+
+    return solvability_tables(unknown, profile)
 
 
 def _cases(unknown, profile):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from iqa_verify.diagnostics import Table
 from iqa_verify.kernels.la_solve_k import la_solve_k, la_solve_k_recursion
 from iqa_verify.kernels.la_solve_q import la_solve_q
 from iqa_verify.kernels.la_solve_v import la_solve_v, la_solve_v_sequential
@@ -29,7 +30,7 @@ from properties.la_inverse.cases import KNOWNS, Conditioning, SolveCase, build_s
 from properties.la_inverse.checks import analyse
 from reference.la_inverse import Unknown
 
-__all__ = ["DEFAULT_GRID", "KERNELS", "SolvabilityRow", "solvability_map", "to_markdown"]
+__all__ = ["DEFAULT_GRID", "KERNELS", "SolvabilityRow", "solvability_map", "solvability_tables", "to_markdown"]
 
 KERNELS: dict[Unknown, dict[str, Callable]] = {
     Unknown.V: {"la_solve_v": la_solve_v, "la_solve_v_sequential": la_solve_v_sequential},
@@ -96,16 +97,32 @@ def solvability_map(
     return rows
 
 
-def to_markdown(rows: Sequence[SolvabilityRow]) -> str:
-    """A Markdown table: one line per row, one o-residual / x-error column pair per kernel."""
+def _table_cells(rows: Sequence[SolvabilityRow]) -> tuple[list[str], list[list[str]]]:
     names = list(dict.fromkeys(n for r in rows for n in r.o_residual))
     head = ["unknown", "T", "D", "E", "S0", "rank / unknowns", "identifiable", "kappa"]
     head += [f"‖o‖ res. {n}" for n in names] + [f"‖x - x_true‖ {n}" for n in names]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         cells = [r.unknown, str(r.T), str(r.D), str(r.E), "yes" if r.initial_state else "no", f"{r.rank} / {r.n_cols}",
                  "yes" if r.identifiable else "no", f"{r.kappa:.3g}"]
         cells += [f"{r.o_residual[n]:.2e}" if n in r.o_residual else "" for n in names]
         cells += [f"{r.x_error[n]:.2e}" if n in r.x_error else "" for n in names]
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
+    return head, body
+
+
+def to_markdown(rows: Sequence[SolvabilityRow]) -> str:
+    """A Markdown table: one line per row, one o-residual / x-error column pair per kernel."""
+    head, body = _table_cells(rows)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)
+
+
+def solvability_tables(unknown: Unknown, profile=None) -> list[Table]:
+    """The family's report diagnostics: the solvability map of ``unknown`` (kernels run in float32)."""
+    head, body = _table_cells(solvability_map(dtype=torch.float32, unknowns=(unknown,)))
+    note = ("One random consistent problem per point (mild decay, B = H = 1). rank/unknowns from the float64 dense"
+            " map; residuals are relative norms; x errors are large exactly where the unknown is not identifiable"
+            " (the minimum-norm answer is then the projection of x_true).")
+    return [Table(f"solvability map: {unknown.value}", tuple(head), tuple(tuple(c) for c in body), note)]

@@ -1,0 +1,98 @@
+"""The ``iqa`` family: implicit query attention, a fixed point ``y = softmax(scale K (y w_q)^T) V`` (SPEC §3).
+
+Cases: :mod:`properties.iqa.cases` (controlled contraction); where a kernel is judged:
+:mod:`properties.iqa.judging`; IQA properties: :mod:`properties.iqa.checks`; what the family knows about
+a kernel (stats, declared backward mode): :mod:`properties.iqa.kernels`; measurements for reports:
+:mod:`properties.iqa.diagnostics`.
+
+The family's ``reference`` (:func:`reference.iqa.iqa_forward_ref`, Newton from V) and ``baseline``
+(plain iteration in the input dtype) follow the generic interface; the IQA properties do not use them
+for judging, because the fixed point need not be unique: they refine the kernel's own output instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from iqa_verify.contracts import state_dtype_for
+from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
+from iqa_verify.iqa.solvers import FixedPointIteration
+from properties.generic import shared_properties
+from properties.iqa.cases import IQACase, build_iqa_inputs, iqa_cases, pinned_iqa_cases
+from properties.iqa.checks import iqa_properties, tolerating_refusal
+from reference.iqa import iqa_forward_ref, iqa_map_ref
+
+__all__ = ["FAMILY"]
+
+_SHARED = ("contract", "inputs-unchanged", "no-uninit-reads", "deterministic")
+
+
+def _build(spec: IQACase, dtype: torch.dtype, device: torch.device) -> Case:
+    return Case(spec=spec, inputs=build_iqa_inputs(spec, dtype, device), kwargs={"scale": spec.scale},
+                dtype=dtype, device=device)
+
+
+def _output_contract(case: Case) -> dict[str, OutputSpec]:
+    s = case.spec
+    return {"y": OutputSpec((s.B, s.N, s.E_eff), (case.dtype,))}
+
+
+def _differentiable(case: Case) -> tuple[str, ...]:
+    return ("x", "w_q", "w_k") + (("w_v",) if case.inputs["w_v"] is not None else ())
+
+
+def _reference(inputs, kwargs):
+    return {"y": iqa_forward_ref(*inputs.values(), **kwargs)}
+
+
+def _baseline(inputs, kwargs):
+    """Plain iteration from V in the compute dtype (float32 for bf16/fp16), output in the input dtype."""
+    x, w_q, w_k, w_v = inputs.values()
+    cd = state_dtype_for(x.dtype)
+    args = [t.to(cd) if t is not None else None for t in (x, w_q, w_k, w_v)]
+    v = args[0] @ args[3] if args[3] is not None else args[0]
+    sol = FixedPointIteration(max_iter=1000).solve(lambda y: iqa_map_ref(y, *args, **kwargs).to(cd), v)
+    return {"y": sol.y.to(x.dtype)}
+
+
+def _properties():
+    shared = {p.id: p for p in shared_properties("iqa")}
+    out = []
+    for name in _SHARED:
+        p = shared[f"iqa/{name}"]
+        out.append(type(p)(id=p.id, title=p.title, check=tolerating_refusal(p.check), catches=p.catches))
+    return (out[0], *iqa_properties(), *out[1:])
+
+
+def _report_diagnostics(profile):
+    from properties.iqa.diagnostics import report_diagnostics  # solvers and references: imported on demand
+
+    return report_diagnostics(profile)
+
+
+FAMILY = Family(
+    name="iqa",
+    signature="iqa_forward(x, w_q, w_k, w_v=None, *, scale=None) -> y",
+    output_names=("y",),
+    cases=iqa_cases,
+    pinned=pinned_iqa_cases,
+    spec_from_json=IQACase.from_json,
+    build=_build,
+    output_contract=_output_contract,
+    differentiable=_differentiable,
+    reference=_reference,
+    baseline=_baseline,
+    properties=_properties(),
+    builtin_kernels=(
+        BuiltinKernel("iqa_verify.iqa.kernel:iqa_forward_anderson_implicit",
+                      "Anderson forward, implicit backward (Anderson adjoint)"),
+        BuiltinKernel("iqa_verify.iqa.kernel:iqa_forward_broyden_implicit",
+                      "Broyden forward, implicit backward (Broyden adjoint)"),
+        BuiltinKernel("iqa_verify.iqa.kernel:iqa_forward_fixed_point_implicit",
+                      "plain iteration forward, implicit backward"),
+        BuiltinKernel("iqa_verify.iqa.kernel:iqa_forward_fixed_point_unrolled",
+                      "plain iteration to convergence, backprop through every step"),
+    ),
+    dtypes=(torch.float32, torch.bfloat16),
+    diagnostics=_report_diagnostics,
+)
