@@ -35,7 +35,7 @@ from iqa_verify.gate import (
 from iqa_verify.loading import load_kernel
 from iqa_verify.outcomes import PropertyResult, Status, Verdict
 from iqa_verify.profiles import PROFILES, profile_named
-from iqa_verify.registry import FAMILIES, builtin_kernels, family, optional_kernels
+from iqa_verify.registry import FAMILIES, builtin_kernels, family, optional_kernels, third_party_kernels
 from iqa_verify.report import append_step_summary, summary_rows, write_report
 from iqa_verify.runner import RunConfig, check
 
@@ -186,8 +186,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
         for k in kernels:
             print(f"    {k.impl}  ({k.summary})")
         for o in optional_kernels():
-            if o.family == name and o.missing:
+            if o.family == name and o.missing and not o.third_party:
                 print(f"    {o.kernel.impl}  (unavailable here: {o.missing})")
+        third = [o for o in optional_kernels() if o.family == name and o.third_party]
+        if third:
+            print("  third-party kernels (adapters; reported as they are):")
+        for o in third:
+            print(f"    {o.kernel.impl}  ({o.missing or o.kernel.summary})")
         print()
     print(f"profiles: {', '.join(f'{p.name} ({p.max_examples} examples/property)' for p in PROFILES.values())}")
     print(f"dtypes: {', '.join(DTYPES)}")
@@ -205,13 +210,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     diagnostics: dict = {}
     complete = True
     names = args.family or list(FAMILIES)
+    third_party = args.third_party if args.third_party is not None else torch.cuda.is_available()
     for name in names:
         family(name)  # unknown names: a usage error before anything runs
     try:
         for name in names:
             fam = family(name)
             dtypes = args.dtype or [str(d).removeprefix("torch.") for d in fam.dtypes]
-            for k in builtin_kernels(name):
+            kernels = builtin_kernels(name) + (third_party_kernels(name) if third_party else ())
+            for k in kernels:
                 kernel = load_kernel(k.impl)
                 for device in devices:
                     for dtype_name in dtypes:
@@ -280,6 +287,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES), help="default: each family's dtypes")
     r.add_argument("--family", nargs="+", default=None, help="default: every family")
     r.add_argument("--device", nargs="+", default=None, help="default: cpu, and cuda when available")
+    r.add_argument("--third-party", dest="third_party", action="store_true", default=None,
+                   help="also verify third-party kernels (adapters); default: only when CUDA is available, since"
+                        " on CPU their Triton kernels run in the interpreter (tens of minutes)")
+    r.add_argument("--no-third-party", dest="third_party", action="store_false")
     return p
 
 

@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 from iqa_verify.family import BuiltinKernel, Family
 
 __all__ = ["Registry", "FAMILIES", "OPTIONAL_PROVIDERS", "OptionalKernel", "family", "builtin_kernels",
-           "optional_kernels"]
+           "optional_kernels", "third_party_kernels"]
 
 T = TypeVar("T")
 
@@ -69,11 +69,16 @@ def family(name: str) -> Family:
 
 @dataclass(frozen=True)
 class OptionalKernel:
-    """A kernel of ``family`` that needs optional packages; ``missing`` says what is absent (None: runnable)."""
+    """A kernel of ``family`` that needs optional packages; ``missing`` says what is absent (None: runnable).
+
+    ``third_party``: a kernel nobody here wrote (through an adapter). The suite's own kernels must hold
+    every property (the test suite asserts it); third-party kernels are verified and reported as they are.
+    """
 
     family: str
     kernel: BuiltinKernel
     missing: str | None = None
+    third_party: bool = False
 
 
 OPTIONAL_PROVIDERS: tuple[str, ...] = ("iqa_verify.triton", "iqa_verify.adapters")
@@ -90,6 +95,13 @@ def optional_kernels() -> list[OptionalKernel]:
 
 
 def builtin_kernels(family_name: str) -> tuple[BuiltinKernel, ...]:
-    """The family's own kernels plus the optional kernels that can run in this installation."""
-    extra = tuple(o.kernel for o in optional_kernels() if o.family == family_name and o.missing is None)
+    """The suite's own kernels of the family (optional ones included where they can run here)."""
+    extra = tuple(o.kernel for o in optional_kernels()
+                  if o.family == family_name and o.missing is None and not o.third_party)
     return family(family_name).builtin_kernels + extra
+
+
+def third_party_kernels(family_name: str) -> tuple[BuiltinKernel, ...]:
+    """Third-party kernels of the family (through adapters) that can run here."""
+    return tuple(o.kernel for o in optional_kernels()
+                 if o.family == family_name and o.missing is None and o.third_party)

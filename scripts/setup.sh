@@ -17,7 +17,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     pip install "torch==2.13.0"
   fi
 fi
-pip install -e ".[dev]"
+pip install -e ".[dev,triton]"
+# Adapters' third-party packages, --no-deps: their declared torch requirements would pull another torch build.
+pip install --no-deps "fla-core==0.6.0" "torchdeq==0.1.0" einops
 # Headless Chromium checks the HTML report in a real browser (tests/test_html_report.py). Debian's package,
 # installed when missing and this user may (root with apt-get); set IQA_NO_BROWSER=1 to skip.
 if [ -z "${IQA_NO_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
