@@ -220,9 +220,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
             kernels = builtin_kernels(name) + (third_party_kernels(name) if third_party else ())
             for k in kernels:
                 kernel = load_kernel(k.impl)
+                k_profile = profile_named(k.profile) if k.profile else profile
                 for device in devices:
+                    if k.device is not None and device.type != k.device:
+                        continue
                     for dtype_name in dtypes:
-                        cfg = RunConfig(fam, kernel, k.impl, DTYPES[dtype_name], device, profile, args.seed, out)
+                        cfg = RunConfig(fam, kernel, k.impl, DTYPES[dtype_name], device, k_profile, args.seed, out)
                         args_ns = argparse.Namespace(dtype=dtype_name, only=[], skip=[], case=None)
                         verdict = _run(cfg, args_ns, progress)
                         verdicts.append(verdict)

@@ -103,8 +103,9 @@ def compare(
 ) -> TensorCheck:
     """Compare ``actual`` (any dtype/device) with the float64 ``expected`` under ``tol``.
 
-    ``dtype`` is the kernel's compute dtype: reference entries beyond its finite range are not
-    compared (no dtype can represent them), and its smallest normal number floors the scale.
+    ``dtype`` is the kernel's compute dtype: reference entries beyond its finite range — or so close
+    to it that an allowed error could overflow — are not compared, and its smallest normal number
+    floors the scale.
     ``scale`` replaces ``‖expected‖∞`` in the atol term when the natural scale of a tensor is set by
     others (a gradient that is exactly zero in theory is judged against the scale of its siblings,
     not against its own round-off).
@@ -130,6 +131,9 @@ def compare(
     abs_term = tol.atol * max(scale, finfo.tiny)
     base_term = tol.baseline_factor * (base_err or 0.0)
     allowed = rel_term + abs_term + base_term
+    # a result the tolerance allows may overflow the dtype when the reference sits within `allowed` of its
+    # largest finite number: such entries are not judged (no computation in this dtype can be asked for them)
+    comparable = comparable & (r_c.abs() + allowed <= finfo.max)
     nonfinite_mask = comparable & ~torch.isfinite(a)
     err = torch.where(comparable, (a - r).abs(), torch.zeros_like(r))
     err = torch.where(nonfinite_mask, torch.full_like(err, float("inf")), err)

@@ -128,10 +128,17 @@ class Property:
 
 @dataclass(frozen=True)
 class BuiltinKernel:
-    """A kernel shipped with the suite: its IMPL path (as a user would type it) and a one-line summary."""
+    """A kernel shipped with the suite: its IMPL path (as a user would type it) and a one-line summary.
+
+    profile/device: where the suite's own tests and report run it when it cannot run everywhere at full
+    size (a Triton kernel in the interpreter runs the ``smoke`` profile on CPU; compiled, only on CUDA);
+    None means the run's own profile and every device.
+    """
 
     impl: str
     summary: str
+    profile: str | None = None
+    device: str | None = None
 
 
 @dataclass(frozen=True)

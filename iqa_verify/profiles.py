@@ -1,7 +1,9 @@
 """Run profiles: how many examples, how large, how long to shrink.
 
 ``ci`` is deterministic (the same examples every run for the same seed) and bounded; ``dev`` explores
-more; ``thorough`` is for manual runs before a release. ``--seed`` changes the examples.
+more; ``thorough`` is for manual runs before a release; ``smoke`` (the pinned edge cases and four random
+ones) is for kernels that run slowly here, such as Triton kernels in the interpreter. ``--seed`` changes
+the examples.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
+    # pinned edge cases plus a few random ones: for kernels that run slowly here (Triton's interpreter)
+    "smoke": Profile("smoke", max_examples=4, size=Size.SMALL, shrink_budget_s=5.0),
     "ci": Profile("ci", max_examples=30, size=Size.SMALL, shrink_budget_s=20.0),
     "dev": Profile("dev", max_examples=150, size=Size.MEDIUM, shrink_budget_s=60.0),
     "thorough": Profile("thorough", max_examples=1000, size=Size.LARGE, shrink_budget_s=300.0),

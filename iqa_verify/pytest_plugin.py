@@ -23,7 +23,7 @@ from iqa_verify.errors import IqaVerifyError
 from iqa_verify.gate import DEFAULT_MAX_REGRESSION, Baseline, find_regressions, load_baseline
 from iqa_verify.loading import load_kernel
 from iqa_verify.outcomes import PropertyResult, Status, Verdict
-from iqa_verify.profiles import profile_named
+from iqa_verify.profiles import PROFILES, profile_named
 from iqa_verify.registry import family
 from iqa_verify.runner import RunConfig, run_property
 
@@ -83,7 +83,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--iqa-dtype", action="append", default=None, choices=list(_DTYPES),
                 help="dtype(s) to verify (repeatable; default float32 and bfloat16)")
     g.addoption("--iqa-device", default="cpu")
-    g.addoption("--iqa-profile", default=None, choices=["ci", "dev", "thorough"], help="default ci (or the baseline's)")
+    g.addoption("--iqa-profile", default=None, choices=list(PROFILES), help="default ci (or the baseline's)")
     g.addoption("--iqa-seed", type=int, default=None, help="default 0 (or the baseline's)")
     g.addoption("--iqa-baseline", default=None, metavar="FILE", help="fail properties whose worst error ratio regressed")
     g.addoption("--iqa-max-regression", type=float, default=DEFAULT_MAX_REGRESSION, metavar="R")

@@ -16,9 +16,11 @@ def _items():
             for dtype in fam.dtypes:
                 dname = str(dtype).removeprefix("torch.")
                 for prop in fam.properties:
-                    yield pytest.param(kernel.impl, name, prop.id, dname, id=f"{prop.id}[{short}-{dname}]")
+                    yield pytest.param(kernel, name, prop.id, dname, id=f"{prop.id}[{short}-{dname}]")
 
 
-@pytest.mark.parametrize(("impl", "family_name", "property_id", "dtype"), list(_items()))
-def test_builtin_kernel_holds(impl: str, family_name: str, property_id: str, dtype: str) -> None:
-    verify(impl, family_name, property_id, dtype, profile="ci", seed=0)
+@pytest.mark.parametrize(("kernel", "family_name", "property_id", "dtype"), list(_items()))
+def test_builtin_kernel_holds(kernel, family_name: str, property_id: str, dtype: str) -> None:
+    """ci profile on CPU, unless the kernel says where it must run (Triton: interpreter -> smoke, or CUDA)."""
+    verify(kernel.impl, family_name, property_id, dtype, profile=kernel.profile or "ci", device=kernel.device or "cpu",
+           seed=0)
