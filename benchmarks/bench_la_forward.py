@@ -23,6 +23,10 @@ triangle of the intra-chunk products included), with N = ceil(T / C) chunks of C
     backward = 2 * forward                 # each product A @ B costs dA = dC B^T and dB = A^T dC
     forward_backward = 3 * forward
 
+Both decay forms of the chunked kernel perform these matmuls. The workload's decay
+(g uniform in [-0.05, 0], at most 3.2 nats per chunk) takes the FACTORED form, the fast path;
+``test_forward_masked`` times the forward on strong decay (g uniform in [-2, 0], beyond
+``factored_span_limit``), which takes the MASKED fallback, with the same FLOP count.
 Elementwise work (decay masks, exps, reductions, the state loop) is not counted. The matmul
 reference is ``2 * n^3`` FLOPs for an n x n float32 product (n = 2048).
 """
@@ -37,7 +41,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iqa_verify.kernels.la_forward_chunked import DEFAULT_CHUNK_SIZE, la_forward_chunked
+from iqa_verify.kernels.la_forward_chunked import DEFAULT_CHUNK_SIZE, DecayForm, decay_form, la_forward_chunked
 from iqa_verify.kernels.la_forward_recurrent import la_forward_recurrent
 
 RESULTS_FILE = Path(__file__).parent / "results" / "la_forward.md"
@@ -139,13 +143,14 @@ def chunked_forward_flops(w: Workload) -> int:
     return w.B * w.H * N * (2 * C * C * w.D + 2 * C * C * w.E + 4 * C * w.D * w.E)
 
 
-def _inputs(requires_grad: bool) -> list[torch.Tensor]:
+def _inputs(requires_grad: bool, *, max_decay: float = 0.05) -> list[torch.Tensor]:
+    """q, k, v, g, S_0 of the workload; g uniform in [-max_decay, 0]."""
     gen = torch.Generator().manual_seed(0)
     w = WORKLOAD
     q = torch.randn(w.B, w.T, w.H, w.D, generator=gen) * w.D**-0.5
     k = torch.randn(w.B, w.T, w.H, w.D, generator=gen) * w.D**-0.5
     v = torch.randn(w.B, w.T, w.H, w.E, generator=gen)
-    g = -0.05 * torch.rand(w.B, w.T, w.H, generator=gen)
+    g = -max_decay * torch.rand(w.B, w.T, w.H, generator=gen)
     s0 = torch.randn(w.B, w.H, w.D, w.E, generator=gen)
     return [x.requires_grad_(requires_grad) for x in (q, k, v, g, s0)]
 
@@ -157,6 +162,7 @@ def _kwargs(name: str) -> dict:
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_forward(benchmark, la_results: Results, name: str) -> None:
     kernel, inputs = KERNELS[name], _inputs(requires_grad=False)
+    assert decay_form(inputs[3], WORKLOAD.chunk_size) is DecayForm.FACTORED
 
     def run():
         return kernel(*inputs, **_kwargs(name))
@@ -166,6 +172,20 @@ def test_forward(benchmark, la_results: Results, name: str) -> None:
     assert o.shape == (WORKLOAD.B, WORKLOAD.T, WORKLOAD.H, WORKLOAD.E)
     flops = chunked_forward_flops(WORKLOAD) if name == "chunked" else None
     la_results.record(Case(name, "forward"), benchmark, flops=flops)
+
+
+def test_forward_masked(benchmark, la_results: Results) -> None:
+    """The chunked forward on strong decay: the MASKED fallback (listed, not used in the ratios)."""
+    inputs = _inputs(requires_grad=False, max_decay=2.0)
+    assert decay_form(inputs[3], WORKLOAD.chunk_size) is DecayForm.MASKED
+
+    def run():
+        return la_forward_chunked(*inputs, **_kwargs("chunked"))
+
+    rounds, warmup = ROUNDS["chunked"]
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    case = Case("chunked", "forward (masked form, g in [-2, 0])")
+    la_results.record(case, benchmark, flops=chunked_forward_flops(WORKLOAD))
 
 
 @pytest.mark.parametrize("name", list(KERNELS))

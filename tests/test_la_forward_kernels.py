@@ -1,18 +1,23 @@
 """Cross-checks of the built-in ``la_forward`` kernels: chunked against recurrent, in float64.
 
-A few fast checks only; the full verification against the float64 reference is done by the
+Both decay forms of the chunked kernel are covered: FACTORED (moderate decay, the fast path) near
+its span limit, and MASKED (strong decay) as the fallback and, forced, on ordinary inputs. A few
+fast checks only; the full verification against the float64 reference is done by the
 property engine. Values and the autograd gradients of all five inputs are compared under
 ``tolerance(Kind.REFERENCE, torch.float64)``.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from iqa_verify.comparison import compare
 from iqa_verify.errors import IqaVerifyError
-from iqa_verify.kernels.la_forward_chunked import la_forward_chunked
+from iqa_verify.kernels import la_forward_chunked as chunked_module
+from iqa_verify.kernels.la_forward_chunked import DecayForm, decay_form, factored_span_limit, la_forward_chunked
 from iqa_verify.kernels.la_forward_recurrent import la_forward_recurrent
 from iqa_verify.tolerances import Kind, tolerance
 
@@ -164,3 +169,82 @@ def test_bad_inputs_are_rejected_by_the_contract_check(gen: torch.Generator) -> 
     for kernel in (la_forward_recurrent, la_forward_chunked):
         with pytest.raises(IqaVerifyError, match="g.shape="):
             kernel(q, k, v, g[:, :-1], s0)
+
+
+def _chunk_log_decays(gen: torch.Generator, *, B: int, T: int, H: int, chunk: int, span: float) -> torch.Tensor:
+    """g: [B, T, H] (T a multiple of ``chunk``), uneven steps whose sum over every chunk is exactly -span."""
+    w = 0.5 + torch.rand(B, T // chunk, chunk, H, generator=gen, dtype=torch.float64)
+    w[:, :, ::5] = 0.0  # some steps without decay
+    return (-span * w / w.sum(2, keepdim=True)).reshape(B, T, H)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decay_form_switches_at_the_span_limit(gen: torch.Generator, dtype: torch.dtype) -> None:
+    limit = factored_span_limit(dtype)
+    assert limit == pytest.approx(math.log(torch.finfo(dtype).max) / 3)
+    g = _chunk_log_decays(gen, B=2, T=32, H=3, chunk=8, span=0.97 * limit).to(dtype)
+    assert decay_form(g, 8) is DecayForm.FACTORED
+    one_chunk_too_strong = g.clone()
+    one_chunk_too_strong[1, 16:24, 2] *= 1.05 / 0.97
+    assert decay_form(one_chunk_too_strong, 8) is DecayForm.MASKED
+    assert decay_form(one_chunk_too_strong, 4) is DecayForm.FACTORED  # shorter chunks, smaller spans
+    with_inf = g.clone()
+    with_inf[0, 3, 0] = -math.inf
+    assert decay_form(with_inf, 8) is DecayForm.MASKED
+
+
+def test_factored_form_near_its_span_limit_matches_recurrent_float64(gen: torch.Generator) -> None:
+    """Row factors up to exp(0.97 * 236) ~ 1e99 on Q and down to 1e-99 on K: still exact in float64."""
+    q, k, v, _, s0 = _inputs(gen, T=64)
+    g = _chunk_log_decays(gen, B=2, T=64, H=3, chunk=16, span=0.97 * factored_span_limit(torch.float64))
+    assert decay_form(g, 16) is DecayForm.FACTORED
+    inputs = [q, k, v, g, s0]
+    actual = _outputs_and_grads(la_forward_chunked, inputs, chunk_size=16)
+    _assert_all_close(actual, _outputs_and_grads(la_forward_recurrent, inputs))
+
+
+def test_factored_form_near_its_span_limit_is_as_accurate_as_recurrent_float32(gen: torch.Generator) -> None:
+    """float32 against the float64 result, allowed a multiple of the float32 recurrent kernel's error (SPEC §5)."""
+    q, k, v, _, s0 = _inputs(gen, T=64)
+    g = _chunk_log_decays(gen, B=2, T=64, H=3, chunk=16, span=0.97 * factored_span_limit(torch.float32))
+    inputs = [q, k, v, g, s0]
+    low = [x.to(torch.float32) for x in inputs]
+    assert decay_form(low[3], 16) is DecayForm.FACTORED
+    expected = _outputs_and_grads(la_forward_recurrent, inputs)
+    baseline = _outputs_and_grads(la_forward_recurrent, low)
+    actual = _outputs_and_grads(la_forward_chunked, low, chunk_size=16)
+    nonfinite = [path for path, t in actual.items() if not bool(torch.isfinite(t).all())]
+    assert not nonfinite, f"non-finite values in {nonfinite}"
+    checks = [
+        compare(
+            path,
+            actual[path],
+            expected[path],
+            tolerance(Kind.VALUE if path.startswith("out/") else Kind.GRAD, torch.float32),
+            dtype=torch.float32,
+            baseline=baseline[path],
+        )
+        for path in expected
+    ]
+    failed = [check.describe() for check in checks if not check.passed]
+    assert not failed, "\n".join(failed)
+
+
+@pytest.mark.parametrize("form", list(DecayForm), ids=lambda form: form.name)
+@pytest.mark.parametrize("T", [1, 17, 100])
+def test_each_decay_form_forced_matches_recurrent(gen: torch.Generator, monkeypatch, form: DecayForm, T: int) -> None:
+    inputs = _inputs(gen, T=T)
+    monkeypatch.setattr(chunked_module, "decay_form", lambda g, chunk_size: form)
+    actual = _outputs_and_grads(la_forward_chunked, inputs, chunk_size=16)
+    _assert_all_close(actual, _outputs_and_grads(la_forward_recurrent, inputs))
+
+
+def test_one_strongly_decaying_chunk_among_weak_ones(gen: torch.Generator) -> None:
+    """One chunk at g = -60 per step sends the call to the masked form; values and gradients stay exact and finite."""
+    inputs = _inputs(gen, T=64, g_range=(-0.1, 0.0))
+    inputs[3][:, 20:30] = -60.0
+    assert decay_form(inputs[3], 16) is DecayForm.MASKED
+    actual = _outputs_and_grads(la_forward_chunked, inputs, chunk_size=16)
+    nonfinite = [path for path, t in actual.items() if not bool(torch.isfinite(t).all())]
+    assert not nonfinite, f"non-finite values in {nonfinite}"
+    _assert_all_close(actual, _outputs_and_grads(la_forward_recurrent, inputs))
