@@ -57,7 +57,7 @@ def test_list_names_families_properties_and_builtin_kernels() -> None:
         for k in builtin_kernels(name):
             assert f"    {k.impl}  ({k.summary})" in out
     assert CHUNKED in out
-    assert "profiles: ci (30 examples/property)" in out and "dtypes: float64, float32, bfloat16, float16" in out
+    assert "ci (30 examples/property)" in out and "dtypes: float64, float32, bfloat16, float16" in out
 
 
 def test_check_a_builtin_kernel_on_one_property_exits_0() -> None:

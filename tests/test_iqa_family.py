@@ -63,7 +63,7 @@ def _run(impl: str, dtype=torch.float32, seed: int = 0, only=()):
 def test_exact_builtins_are_verified_in_float32_and_bf16_by_the_builtin_test() -> None:
     from tests.test_builtin_kernels import _items
 
-    items = {tuple(p.values[:4]) for p in _items() if p.values[1] == "iqa"}
+    items = {(p.values[0].impl, *p.values[1:4]) for p in _items() if p.values[1] == "iqa"}
     fam = family("iqa")
     assert {k.impl for k in fam.builtin_kernels} >= set(EXACT)
     for impl in EXACT:
