@@ -11,6 +11,7 @@ from iqa_verify.kernels.la_forward_chunked import la_forward_chunked
 from iqa_verify.kernels.la_solve_k import (
     LsqrOutcome,
     LsqrSettings,
+    Type2Method,
     la_solve_k,
     la_solve_k_recursion,
     la_solve_k_with_stats,
@@ -168,26 +169,65 @@ def test_la_solve_k_adjoint_is_vjp():
     assert check.passed, check.describe()
 
 
+_K_CASES = {
+    "E<D-consistent": ((9, 3, 2), 0.0),
+    "E<D-least-squares": ((9, 3, 2), 0.1),
+    "E>D-least-squares": ((7, 2, 3), 0.1),
+    "E=1": ((6, 4, 1), 0.0),
+    "E=D-least-squares": ((9, 3, 3), 0.1),  # LSQR in float32 stalls here (ill-conditioned): DIRECT only
+}
+_K_PARAMS = [
+    pytest.param(method, shape, noise, id=f"{name}-{method.name}")
+    for name, (shape, noise) in _K_CASES.items()
+    for method in Type2Method
+    if not (method is Type2Method.LSQR and name == "E=D-least-squares")
+]
+
+
 @pytest.mark.parametrize("dtype", [F64, F32], ids=str)
-@pytest.mark.parametrize(
-    "shape, noise", [((9, 3, 2), 0.0), ((9, 3, 2), 0.1), ((7, 2, 3), 0.1), ((6, 4, 1), 0.0)],
-    ids=["E<D-consistent", "E<D-least-squares", "E>D-least-squares", "E=1"],
-)
-def test_la_solve_k_matches_dense(dtype, shape, noise):
+@pytest.mark.parametrize("method, shape, noise", _K_PARAMS)
+def test_la_solve_k_matches_dense(method, dtype, shape, noise):
     T, D, E = shape
     c = _case(T=T, D=D, E=E, noise=noise, key_shift=0.0)
     ref = la_solve_k_dense_ref(*_args(c, Unknown.K, F64), scale=c["scale"])
     base = _baseline(c, Unknown.K, dtype) if dtype != F64 else None
-    out, stats = la_solve_k_with_stats(*_args(c, Unknown.K, dtype), scale=c["scale"], chunk_size=4)
+    out, stats = la_solve_k_with_stats(*_args(c, Unknown.K, dtype), scale=c["scale"], chunk_size=4, method=method)
     assert out.dtype == dtype
     assert stats.outcome is LsqrOutcome.CONVERGED, stats
     assert stats.iterations.shape == (2, 2) and bool((stats.iterations >= 1).all())
     _check("k", out, ref, dtype, base)
 
 
+@pytest.mark.parametrize(
+    "defect",
+    ["q-in-plane", "v-zero-step", "v-in-line"],
+)
+def test_la_solve_k_rank_deficient_is_minimum_norm(defect):
+    """Null spaces beyond the local ones (found by the rank check, pinv fallback) and exact zeros."""
+    c = _case(T=10, D=3, E=3, noise=0.1, key_shift=0.0)
+    if defect == "q-in-plane":
+        c["q"] = c["q"].clone()
+        c["q"][0, :, 1, 2] = 0.0  # every q_t of (batch 0, head 1) in a plane: k_j[2] is never seen
+    elif defect == "v-zero-step":
+        c["v"] = c["v"].clone()
+        c["v"][1, 4, 0] = 0.0  # k_4 of (batch 1, head 0) is free
+    else:
+        c["v"] = c["v"].clone()
+        c["v"][0, :, 0] = c["v"][0, :1, 0] * torch.rand(10, 1, generator=torch.Generator().manual_seed(3), dtype=F64)
+    ref = la_solve_k_dense_ref(*_args(c, Unknown.K, F64), scale=c["scale"])
+    out, stats = la_solve_k_with_stats(*_args(c, Unknown.K, F64), scale=c["scale"])
+    assert stats.outcome is LsqrOutcome.CONVERGED, stats
+    _check("k", out, ref, F64)
+    if defect == "q-in-plane":
+        # minimum norm: the never-seen component is 0 (to rounding), any value would fit O equally well
+        assert float(out[0, :, 1, 2].abs().max()) <= tolerance(Kind.VALUE, F64).atol * float(out.abs().max())
+
+
 def test_la_solve_k_reports_max_iter():
     c = _case(T=9, D=3, E=2, noise=0.1)
-    out, stats = la_solve_k_with_stats(*_args(c, Unknown.K, F64), scale=c["scale"], settings=LsqrSettings(max_iter=2))
+    out, stats = la_solve_k_with_stats(
+        *_args(c, Unknown.K, F64), scale=c["scale"], settings=LsqrSettings(max_iter=2), method=Type2Method.LSQR
+    )
     assert stats.outcome is LsqrOutcome.MAX_ITER
     assert bool((stats.iterations == 2).all())
     assert bool((stats.normal_residual > 1e-3).any())  # far from the solution after two steps
@@ -228,6 +268,7 @@ _BAD = {
     "chunk-0": (la_solve_v, (_C["q"], _C["k"], _C["o"], _C["g"]), {"chunk_size": 0}, r"chunk_size=0: chunk size must be >= 1"),
     "policy-str": (la_solve_v, (_C["q"], _C["k"], _C["o"], _C["g"]), {"on_singular": "raise"}, r"on_singular='raise'"),
     "settings": (la_solve_k, (_C["q"], _C["v"], _C["o"], _C["g"]), {"settings": {"atol": 1}}, r"settings=.*LsqrSettings"),
+    "method-str": (la_solve_k, (_C["q"], _C["v"], _C["o"], _C["g"]), {"method": "lsqr"}, r"method='lsqr': must be a Type2Method"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Type2 inverse of linear attention with decay (family ``la-solve-k``): matrix-free least squares for K.
+"""Type2 inverse of linear attention with decay (family ``la-solve-k``): least squares for K.
 
 Contract (SPEC §2)::
 
@@ -6,27 +6,49 @@ Contract (SPEC §2)::
       q: [B, T, H, D]   v, o: [B, T, H, E]   g: [B, T, H] (<= 0)   initial_state: [B, H, D, E] or None
       k: the minimum-norm least-squares solution of  la_forward(q, k, v, g, initial_state)[0] = o
 
-Per batch and head ``vec(O) = A vec(K) + c`` is a (T E) x (T D) system. It is solved by LSQR (Paige &
-Saunders 1982) without forming A:
+Per batch and head ``vec(O) = A vec(K) + c``, a (T E) x (T D) system with
+``A[(t, e), (j, d)] = scale * M_tj * v_j[e] * q_t[d]`` (t >= j) and ``c`` the initial state's share.
+
+**Why not matrix-free.** A is very ill-conditioned: cond(A) = 2e4 at T = 32, D = E = 8 and 1e6 at
+T = 64, D = E = 16 (random q, v, g in [-0.05, 0]; measured), and block-Jacobi preconditioning of the
+normal equations (the D x D blocks ``scale^2 |v_j|^2 sum_{t>=j} M_tj^2 q_t q_t^T``) only lowers it by
+2-3x. Plain and block-Jacobi right-preconditioned LSQR were both still 10% off the pseudo-inverse
+solution after 6000 iterations (6x the rank) at T = 64. So the default is a direct method
+(:attr:`Type2Method.DIRECT`), always in float64 (a float32 solve would lose every digit):
+
+1. Remove the *local* null spaces. Row block t of A lies in span(v_1..v_t) and k_j is only seen
+   through ``q_t · k_j`` for t >= j, so only ``min(E, t)`` output and ``min(D, T - j + 1)`` unknown
+   directions matter (1-based). Orthonormal bases W_t, U_j (nested, from one QR each of the first
+   v's and the last q's) give the compressed matrix ``C = W^T A U``, formed blockwise.
+2. Factor C once per (batch, head): LU (square; the D = E case), QR (tall) or QR of C^T (wide,
+   minimum norm ``y = Q R^{-T} W^T b``), and return ``x = U y``. If C has full rank, null(A) is
+   exactly range(U)'s complement, so x lies in range(A^T): it *is* the minimum-norm solution.
+3. Rank check: a factor whose smallest |pivot| is <= ``RANK_CUT_ULPS * eps * max(m, n)`` times its
+   largest (data with extra null spaces: q's in a subspace, v_j = 0, ...) sends that (batch, head)
+   to the dense pseudo-inverse (same cut-off as the reference).
+4. Iterative refinement with the same factors, stopping per (batch, head) on the normal-equation
+   residual ``‖A^T r‖ <= atol ‖A‖_F (‖A‖_F ‖x‖ + ‖r‖)`` (backward-error form: a plain
+   ``‖A^T r‖ / (‖A‖ ‖r‖)`` test cannot be met when r is at rounding level), at most ``max_iter`` steps.
+
+Cost O((T D)^3) like the reference, but an LU/QR of the compressed matrix instead of a full SVD and
+pseudo-inverse. :attr:`Type2Method.LSQR` keeps the matrix-free solver (for experiments):
 
 * ``A x  = la_forward_chunked(q, x, v, g, None)[0]`` (the forward is linear in k when S_0 = 0);
-* ``c    = la_forward_chunked(q, 0, v, g, S_0)[0]``;
 * ``A^T r`` is the vector-Jacobian product of the forward in k,
   ``(A^T r)_j = scale * sum_{t >= j} M_tj (r_t · v_j) q_t``: the same forward run backwards in time,
   ``flip(la_forward_chunked(flip(v), flip(r), flip(q), g', None)[0])`` with ``g'_0 = 0`` and
   ``g'_u = g_{T-u}`` (0-based), which shifts the decays by one step.
 
 LSQR from x_0 = 0 stays in range(A^T), so its limit is the minimum-norm solution. It stops per (batch,
-head) when either holds (the LSQR tests, ``‖A‖`` its running Frobenius estimate)::
-
-    ‖r‖ <= btol ‖b‖ + atol ‖A‖ ‖x‖           (consistent systems)
-    ‖A^T r‖ / (‖A‖ ‖r‖) <= atol               (normal-equation residual: least-squares systems)
+head) when ``‖r‖ <= btol ‖b‖ + atol ‖A‖ ‖x‖`` or ``‖A^T r‖ / (‖A‖ ‖r‖) <= atol`` (‖A‖ its running
+Frobenius estimate), in float32 for bf16/fp16 inputs.
 
 The design notes' step-wise recursion is :func:`la_solve_k_recursion`: exact for E = 1 only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass
 
@@ -35,13 +57,17 @@ import torch
 from iqa_verify.contracts import state_dtype_for
 from iqa_verify.errors import IqaVerifyError, check_at_least
 from iqa_verify.kernels.la_forward_chunked import la_forward_chunked
-from iqa_verify.kernels.la_solve_v import DEFAULT_CHUNK_SIZE, check_chunk_size, check_la_solve_inputs
+from iqa_verify.kernels.la_solve_v import DEFAULT_CHUNK_SIZE, check_chunk_size, check_la_solve_inputs, segment_log_decay
 
 __all__ = [
     "LsqrOutcome",
     "LsqrSettings",
     "LsqrStats",
     "MAX_ITER_PER_UNKNOWN",
+    "DIRECT_TOL_ULPS",
+    "RANK_CUT_ULPS",
+    "REFINE_STEPS",
+    "Type2Method",
     "STOP_TOL_ULPS",
     "la_solve_k",
     "la_solve_k_recursion",
@@ -54,6 +80,24 @@ STOP_TOL_ULPS = 2
 MAX_ITER_PER_UNKNOWN = 4
 """Solver setting: the default iteration cap is ``MAX_ITER_PER_UNKNOWN * min(T E, T D)`` (LSQR needs at most
 rank(A) steps in exact arithmetic; in float32 lost orthogonality delays it to about twice that)."""
+
+
+RANK_CUT_ULPS = 64
+"""Solver setting (direct method): a factor whose smallest |pivot| is <= ``RANK_CUT_ULPS * eps * max(m, n)`` times
+its largest counts as rank deficient, and that (batch, head) is solved by the dense pseudo-inverse."""
+
+DIRECT_TOL_ULPS = 64
+"""Solver setting (direct method): the default ``atol`` of the refinement rule is ``DIRECT_TOL_ULPS * eps(float64)``."""
+
+REFINE_STEPS = 2
+"""Solver setting (direct method): the default cap on iterative-refinement steps after the direct solve."""
+
+
+class Type2Method(enum.Enum):
+    """Which algorithm :func:`la_solve_k` uses."""
+
+    DIRECT = "direct: compressed dense factorisation in float64 plus refinement (default)"
+    LSQR = "lsqr: matrix-free LSQR with the forward kernel (slow: the system is very ill-conditioned)"
 
 
 class LsqrOutcome(enum.Enum):
@@ -76,9 +120,10 @@ class LsqrSettings:
 class LsqrStats:
     """Solver statistics, per batch and head (all [B, H]).
 
-    iterations: LSQR steps taken (int64);
+    iterations: LSQR steps taken, or for DIRECT the solves with the factors (1 + refinement steps) (int64);
     residual: ‖r‖ / ‖b‖ with r = b - A x, b = vec(O) - c (0 where b = 0);
-    normal_residual: ‖A^T r‖ / (‖A‖_est ‖r‖) (0 where r = 0);
+    normal_residual: ‖A^T r‖ / (‖A‖ ‖r‖) (0 where r = 0); ‖A‖ is LSQR's running Frobenius estimate,
+        for DIRECT the exact Frobenius norm and r the true residual;
     outcome: :class:`LsqrOutcome` for the whole call.
     """
 
@@ -165,6 +210,199 @@ def _lsqr(op: _Operator, b: torch.Tensor, n: int, atol: float, btol: float, max_
     return x, LsqrStats(iterations, residual, normal_residual, outcome)
 
 
+# ---------------------------------------------------------------- direct solve (the default method)
+
+
+def _dense_map(Q: torch.Tensor, V: torch.Tensor, G: torch.Tensor, scale: float) -> torch.Tensor:
+    """A [B, H, T, E, T, D] with ``A[t, e, j, d] = scale * M_tj * v_j[e] * q_t[d]`` (inputs heads-first)."""
+    M = torch.exp(segment_log_decay(G))  # [B, H, T, T], exact zeros above the diagonal
+    return scale * torch.einsum("bhtj,bhje,bhtd->bhtejd", M, V, Q)
+
+
+def _nested_bases(X: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Bases of nested spans: X [B, H, m, n] (rows x_1..x_m) -> [B, H, len(counts), n, n].
+
+    Entry i is an orthonormal basis of span(x_1..x_{c_i}) (c_i = counts[i] < n), padded with zero
+    columns to n, or the identity where c_i >= n. One QR of X^T: its leading columns span the leading rows.
+    """
+    B, H, m, n = X.shape
+    U = torch.linalg.qr(X.transpose(-1, -2), mode="reduced")[0]  # [B, H, n, m]
+    eye = torch.eye(n, dtype=X.dtype, device=X.device).expand(B, H, n, n)
+    pad = [torch.cat([U[..., :c], torch.zeros_like(eye[..., c:])], dim=-1) if c < n else eye for c in counts]
+    return torch.stack(pad, dim=2)
+
+
+class _Factor(enum.Enum):
+    """How the compressed system was factored."""
+
+    LU = "square: LU with partial pivoting"
+    QR = "tall: QR, y = R^-1 Q^T c"
+    QR_T = "wide: QR of the transpose, minimum-norm y = Q R^-T c"
+
+
+class _DirectSolver:
+    """Minimum-norm least squares of ``A x ~ b`` per (batch, head), with the local null spaces removed.
+
+    Row block t of A lies in span(v_1..v_t) and k_j is seen only through q_t·k_j, t >= j, so
+    ``s_t = min(E, t)`` output and ``r_j = min(D, T - j + 1)`` unknown directions carry everything
+    (1-based). With orthonormal bases W_t, U_j of those spans, ``x = U y`` with y the least-squares
+    solution of ``(W^T A U) y = W^T b`` is the minimum-norm solution whenever ``W^T A U`` has full
+    rank (null(A) is then exactly range(U)'s complement). It is factored once by LU (square), QR
+    (tall) or QR of its transpose (wide). A (batch, head) whose factor looks rank deficient (smallest
+    |pivot| <= ``RANK_CUT_ULPS * eps * max(m, n)`` times the largest) uses the dense pseudo-inverse.
+    """
+
+    def __init__(self, Q: torch.Tensor, V: torch.Tensor, A6: torch.Tensor):
+        B, H, T, E, _, D = A6.shape
+        rows = [min(E, t + 1) for t in range(T)]
+        cols = [min(D, T - j) for j in range(T)]
+        W = _nested_bases(V[:, :, : min(E, T)], rows)  # [B, H, T, E, E]
+        U = _nested_bases(Q.flip(2)[:, :, : min(D, T)], cols[::-1]).flip(2)  # [B, H, T, D, D]
+        dev = A6.device
+        self.row_keep = (torch.arange(E, device=dev) < torch.tensor(rows, device=dev)[:, None]).reshape(-1)
+        self.col_keep = (torch.arange(D, device=dev) < torch.tensor(cols, device=dev)[:, None]).reshape(-1)
+        self.W, self.U, self.dims = W, U, (B, H, T, E, D)
+        C = torch.einsum("bhtea,bhtejd,bhjdc->bhtajc", W, A6, U).reshape(B, H, T * E, T * D)
+        C = C[..., self.row_keep, :][..., self.col_keep]
+        m, n = C.shape[-2:]
+        cut = RANK_CUT_ULPS * torch.finfo(C.dtype).eps * max(m, n)
+        self.kind = _Factor.LU if m == n else _Factor.QR if m > n else _Factor.QR_T
+        grad = torch.is_grad_enabled() and C.requires_grad
+        # one (batch, head) at a time: batched LU of large matrices fails in some MKL builds
+        self.factors = [_factor(self.kind, c if self.kind is not _Factor.QR_T else c.T, grad) for c in C.reshape(B * H, m, n)]
+        piv = torch.stack([f[-1] for f in self.factors]).reshape(B, H, -1)
+        self.bad = ~(piv.amin(-1) > cut * piv.amax(-1))  # [B, H]; also catches NaN
+        self.pinv = None
+        if bool(self.bad.any()):
+            self.pinv = torch.linalg.pinv(A6.reshape(B, H, T * E, T * D)[self.bad])
+
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        """b [B, H, T E] -> x [B, H, T D]."""
+        B, H, T, E, D = self.dims
+        c = torch.einsum("bhtea,bhte->bhta", self.W, b.reshape(B, H, T, E)).reshape(B, H, T * E)[..., self.row_keep]
+        with _one_cpu_thread(c.device):
+            y = torch.stack([_apply(self.kind, f, ci) for f, ci in zip(self.factors, c.reshape(B * H, -1))])
+        full = _scatter_cols(y.reshape(B, H, -1), self.col_keep, B, H, T * D)
+        x = torch.einsum("bhjdc,bhjc->bhjd", self.U, full.reshape(B, H, T, D)).reshape(B, H, T * D)
+        if self.pinv is not None:
+            x = x.clone()
+            x[self.bad] = (self.pinv @ b[self.bad].unsqueeze(-1)).squeeze(-1)
+        return x
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run the O(n^2) triangular solves on one CPU thread (restored afterwards).
+
+    Multi-threaded BLAS triangular solves with a single right-hand side are pathologically slow on a
+    busy machine (0.74 s instead of 0.6 ms for n = 1928 on 2 shared cores, measured): they are
+    memory-bound and gain nothing from threads. No effect on other devices.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _factor(kind: _Factor, C: torch.Tensor, grad: bool) -> tuple:
+    """Factor one [m, n] matrix (the transpose for QR_T); the last entry is |diag| of the triangular factor."""
+    if kind is _Factor.LU:
+        lu, piv, _ = torch.linalg.lu_factor_ex(C)  # a zero pivot is caught by the rank check
+        P, L, U = torch.lu_unpack(lu, piv)
+        return (P, L, U, U.diagonal().abs())
+    n = C.shape[-1]
+    if grad:  # differentiable, forms Q explicitly
+        q, r = torch.linalg.qr(C, mode="reduced")
+        return (q, None, r, r.diagonal().abs())
+    a, tau = torch.geqrf(C)  # Householder vectors, Q never formed
+    r = a[:n].triu()
+    return (a, tau, r, r.diagonal().abs())
+
+
+def _apply(kind: _Factor, f: tuple, c: torch.Tensor) -> torch.Tensor:
+    """The compressed solution y for right-hand side c [m] with factors from :func:`_factor`."""
+    c = c.unsqueeze(-1)
+    if kind is _Factor.LU:
+        P, L, U, _ = f
+        z = torch.linalg.solve_triangular(L, P.T @ c, upper=False, unitriangular=True)
+        return torch.linalg.solve_triangular(U, z, upper=True).squeeze(-1)
+    a, tau, r, _ = f
+    n = r.shape[-1]
+    if kind is _Factor.QR:
+        qc = a.T @ c if tau is None else torch.ormqr(a, tau, c, left=True, transpose=True)[:n]
+        return torch.linalg.solve_triangular(r, qc, upper=True).squeeze(-1)
+    z = torch.linalg.solve_triangular(r.T, c, upper=False)
+    if tau is None:
+        return (a @ z).squeeze(-1)
+    full = torch.cat([z, torch.zeros(a.shape[0] - n, 1, dtype=z.dtype, device=z.device)])
+    return torch.ormqr(a, tau, full, left=True, transpose=False).squeeze(-1)
+
+
+def _scatter_cols(y: torch.Tensor, keep: torch.Tensor, B: int, H: int, n: int) -> torch.Tensor:
+    """[B, H, n_kept] -> [B, H, n] with zeros where ``keep`` is False (differentiable)."""
+    index = keep.nonzero().squeeze(-1).expand(B, H, -1)
+    return torch.zeros(B, H, n, dtype=y.dtype, device=y.device).scatter(-1, index, y)
+
+
+def _direct(Q, V, G, b, scale, atol, max_steps):
+    """Direct min-norm solve plus iterative refinement with the same factors; Q, V, G, b heads-first float64.
+
+    (batch, head) pairs whose compressed factor is rank deficient are found first without gradients and
+    solved apart by the dense pseudo-inverse: the factorisations of a degenerate head (QR of zero
+    vectors, say) have NaN derivatives, and routing them through the same graph, even masked, would
+    poison every gradient (0 * NaN). Stops refining a (batch, head) when
+    ``‖A^T r‖ <= atol ‖A‖_F (‖A‖_F ‖x‖ + ‖r‖)``.
+    Returns x [B, H, T, D] and LsqrStats (iterations = solves with the factors).
+    """
+    B, H, T, E = b.shape
+    D = Q.shape[-1]
+    flat = lambda t: t.reshape(1, B * H, *t.shape[2:])  # noqa: E731  (batch and heads as one head axis)
+    Qf, Vf, Gf, bf = flat(Q), flat(V), flat(G), flat(b)
+    A6 = _dense_map(Qf, Vf, Gf, scale)
+    A = A6.reshape(B * H, T * E, T * D)
+    with torch.no_grad():
+        bad = _DirectSolver(Qf.detach(), Vf.detach(), A6.detach()).bad.reshape(-1)
+    good_idx, bad_idx = (~bad).nonzero().squeeze(-1), bad.nonzero().squeeze(-1)
+    bb = bf.reshape(B * H, T * E)
+    x = torch.zeros(B * H, T * D, dtype=b.dtype, device=b.device)
+    steps = torch.ones(B * H, dtype=torch.int64, device=b.device)
+    if bad_idx.numel():
+        x_bad = (torch.linalg.pinv(A[bad_idx]) @ bb[bad_idx].unsqueeze(-1)).squeeze(-1)
+        x = x.index_copy(0, bad_idx, x_bad)
+    if good_idx.numel():
+        pick = lambda t: t[:, good_idx]  # noqa: E731
+        Ag, bg = A[good_idx], bb[good_idx]
+        solver = _DirectSolver(pick(Qf), pick(Vf), pick(A6))
+        anorm_g = Ag.detach().square().sum((-1, -2)).sqrt()
+        xg = solver.solve(bg.unsqueeze(0)).squeeze(0)
+        for it in range(max_steps + 1):
+            r = bg - (Ag @ xg.unsqueeze(-1)).squeeze(-1)
+            with torch.no_grad():
+                arn = (Ag.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1).norm(dim=-1)
+                done = arn <= atol * anorm_g * (anorm_g * xg.norm(dim=-1) + r.norm(dim=-1))
+            if bool(done.all()) or it == max_steps:
+                break
+            xg = torch.where(done[..., None], xg, xg + solver.solve(r.unsqueeze(0)).squeeze(0))
+            steps = steps.index_add(0, good_idx, (~done).long())
+        x = x.index_copy(0, good_idx, xg)
+    with torch.no_grad():
+        r = bb - (A @ x.unsqueeze(-1)).squeeze(-1)
+        anorm = A.square().sum((-1, -2)).sqrt()
+        rn, xn = r.norm(dim=-1), x.norm(dim=-1)
+        arn = (A.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1).norm(dim=-1)
+        done = arn <= atol * anorm * (anorm * xn + rn)
+    bnorm = bb.detach().norm(dim=-1)
+    per_head = lambda t: t.reshape(B, H)  # noqa: E731
+    stats = LsqrStats(per_head(steps), per_head(_div(rn, bnorm)), per_head(_div(arn, anorm * rn)),
+                      LsqrOutcome.CONVERGED if bool(done.all()) else LsqrOutcome.MAX_ITER)
+    return x.reshape(B, H, T, D), stats
+
+
 def la_solve_k_with_stats(
     q: torch.Tensor,
     v: torch.Tensor,
@@ -175,23 +413,36 @@ def la_solve_k_with_stats(
     scale: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     settings: LsqrSettings = LsqrSettings(),
+    method: Type2Method = Type2Method.DIRECT,
 ) -> tuple[torch.Tensor, LsqrStats]:
     """:func:`la_solve_k` that also returns the solver's :class:`LsqrStats`."""
     B, T, H, D, E = check_la_solve_inputs({"q": q, "v": v, "o": o}, g, initial_state)
     check_chunk_size(chunk_size)
     if not isinstance(settings, LsqrSettings):
         raise IqaVerifyError(f"settings={settings!r}: must be an LsqrSettings")
-    acc = state_dtype_for(q.dtype)
-    eps = torch.finfo(acc).eps
-    atol = STOP_TOL_ULPS * eps if settings.atol is None else settings.atol
-    btol = STOP_TOL_ULPS * eps if settings.btol is None else settings.btol
-    max_iter = MAX_ITER_PER_UNKNOWN * T * min(D, E) if settings.max_iter is None else settings.max_iter
-    check_at_least("settings.max_iter", max_iter, 1, "iteration cap")
+    if not isinstance(method, Type2Method):
+        raise IqaVerifyError(f"method={method!r}: must be a Type2Method (DIRECT or LSQR)")
+    if method is Type2Method.DIRECT:
+        acc = torch.float64
+        atol = DIRECT_TOL_ULPS * torch.finfo(acc).eps if settings.atol is None else settings.atol
+        steps = REFINE_STEPS if settings.max_iter is None else settings.max_iter
+        check_at_least("settings.max_iter", steps, 0, "refinement cap")
+    else:
+        acc = state_dtype_for(q.dtype)
+        eps = torch.finfo(acc).eps
+        atol = STOP_TOL_ULPS * eps if settings.atol is None else settings.atol
+        btol = STOP_TOL_ULPS * eps if settings.btol is None else settings.btol
+        max_iter = MAX_ITER_PER_UNKNOWN * T * min(D, E) if settings.max_iter is None else settings.max_iter
+        check_at_least("settings.max_iter", max_iter, 1, "iteration cap")
     Q, V, O, G = (x.to(acc) for x in (q, v, o, g))
-    op = _Operator(Q, V, G, scale, chunk_size)
     b = O
     if initial_state is not None:
         b = O - la_forward_chunked(Q, torch.zeros_like(Q), V, G, initial_state.to(acc), scale=scale, chunk_size=chunk_size)[0]
+    if method is Type2Method.DIRECT:
+        heads = lambda x: x.transpose(1, 2)  # noqa: E731
+        k, stats = _direct(heads(Q), heads(V), G.transpose(1, 2), heads(b), scale, atol, steps)
+        return k.transpose(1, 2).to(q.dtype), stats
+    op = _Operator(Q, V, G, scale, chunk_size)
     k, stats = _lsqr(op, b, D, atol, btol, max_iter)
     return k.to(q.dtype), stats
 
@@ -206,24 +457,29 @@ def la_solve_k(
     scale: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     settings: LsqrSettings = LsqrSettings(),
+    method: Type2Method = Type2Method.DIRECT,
 ) -> torch.Tensor:
-    """Type2: K from Q, V, O as the minimum-norm least-squares solution, matrix-free (LSQR).
+    """Type2: K from Q, V, O as the minimum-norm least-squares solution.
 
     Args:
         q: [B, T, H, D]; v, o: [B, T, H, E]; g: [B, T, H] log-decay (<= 0); initial_state: [B, H, D, E] or None.
         scale: the forward's output scale.
-        chunk_size: chunk length of the forward kernel used as the operator.
-        settings: LSQR tolerances and iteration cap (:class:`LsqrSettings`; defaults :data:`STOP_TOL_ULPS`,
-            :data:`MAX_ITER_PER_UNKNOWN`).
+        chunk_size: chunk length of the forward kernel (initial-state offset; LSQR's operator).
+        settings: stopping tolerance and step cap (:class:`LsqrSettings`): for DIRECT ``atol`` of the
+            refinement rule (default ``DIRECT_TOL_ULPS * eps``) and ``max_iter`` refinement steps
+            (default :data:`REFINE_STEPS`); for LSQR as in the module docstring.
+        method: :class:`Type2Method` (default DIRECT).
 
     Returns:
-        k: [B, T, H, D] in the input dtype (float32 accumulation for bf16/fp16). The math is in the
-        module docstring; statistics come from :func:`la_solve_k_with_stats`. Each iteration costs one
-        forward and one reversed forward. Differentiable by autograd through the iterations (an
-        approximation of the exact derivative of the minimum-norm solution that improves as the solve
-        converges); inputs are never modified.
+        k: [B, T, H, D] in the input dtype. DIRECT solves in float64 whatever the input dtype (the
+        system's condition number grows quickly with T, so a float32 solve loses all digits); LSQR
+        accumulates in float32 for bf16/fp16. Statistics come from :func:`la_solve_k_with_stats`.
+        Differentiable by autograd (DIRECT: through the factorisation, the exact derivative of the
+        minimum-norm solution where the rank is locally constant); inputs are never modified.
     """
-    return la_solve_k_with_stats(q, v, o, g, initial_state, scale=scale, chunk_size=chunk_size, settings=settings)[0]
+    return la_solve_k_with_stats(
+        q, v, o, g, initial_state, scale=scale, chunk_size=chunk_size, settings=settings, method=method
+    )[0]
 
 
 def la_solve_k_recursion(
