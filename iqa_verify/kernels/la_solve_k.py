@@ -215,8 +215,9 @@ def _lsqr(op: _Operator, b: torch.Tensor, n: int, atol: float, btol: float, max_
 
 def _dense_map(Q: torch.Tensor, V: torch.Tensor, G: torch.Tensor, scale: float) -> torch.Tensor:
     """A [B, H, T, E, T, D] with ``A[t, e, j, d] = scale * M_tj * v_j[e] * q_t[d]`` (inputs heads-first)."""
-    M = torch.exp(segment_log_decay(G))  # [B, H, T, T], exact zeros above the diagonal
-    return scale * torch.einsum("bhtj,bhje,bhtd->bhtejd", M, V, Q)
+    M = scale * torch.exp(segment_log_decay(G))  # [B, H, T, T], exact zeros above the diagonal
+    MV = M[:, :, :, None, :, None] * V.transpose(-1, -2)[:, :, None, :, :, None]  # [B, H, T, E, T, 1]
+    return MV * Q[:, :, :, None, None, :]  # written once, in its final layout
 
 
 def _nested_bases(X: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -262,8 +263,14 @@ class _DirectSolver:
         self.row_keep = (torch.arange(E, device=dev) < torch.tensor(rows, device=dev)[:, None]).reshape(-1)
         self.col_keep = (torch.arange(D, device=dev) < torch.tensor(cols, device=dev)[:, None]).reshape(-1)
         self.W, self.U, self.dims = W, U, (B, H, T, E, D)
-        C = torch.einsum("bhtea,bhtejd,bhjdc->bhtajc", W, A6, U).reshape(B, H, T * E, T * D)
-        C = C[..., self.row_keep, :][..., self.col_keep]
+        # only the first te row blocks and the column blocks from j0 on have bases other than I: transform
+        # and select those edges, copy the bulk of A twice (once per cat)
+        te, j0 = min(E - 1, T), max(T - D + 1, 0)
+        top = torch.einsum("bhtea,bhtejd->bhtajd", W[:, :, :te], A6[:, :, :te]).reshape(B, H, te * E, T, D)
+        R = torch.cat([top[:, :, self.row_keep[: te * E]], A6[:, :, te:].reshape(B, H, (T - te) * E, T, D)], dim=2)
+        m = R.shape[2]
+        right = torch.einsum("bhmjd,bhjdc->bhmjc", R[:, :, :, j0:], U[:, :, j0:]).reshape(B, H, m, (T - j0) * D)
+        C = torch.cat([R[:, :, :, :j0].reshape(B, H, m, j0 * D), right[..., self.col_keep[j0 * D :]]], dim=-1)
         m, n = C.shape[-2:]
         cut = RANK_CUT_ULPS * torch.finfo(C.dtype).eps * max(m, n)
         self.kind = _Factor.LU if m == n else _Factor.QR if m > n else _Factor.QR_T
@@ -313,8 +320,7 @@ def _factor(kind: _Factor, C: torch.Tensor, grad: bool) -> tuple:
     """Factor one [m, n] matrix (the transpose for QR_T); the last entry is |diag| of the triangular factor."""
     if kind is _Factor.LU:
         lu, piv, _ = torch.linalg.lu_factor_ex(C)  # a zero pivot is caught by the rank check
-        P, L, U = torch.lu_unpack(lu, piv)
-        return (P, L, U, U.diagonal().abs())
+        return (lu, piv, None, lu.diagonal().abs())
     n = C.shape[-1]
     if grad:  # differentiable, forms Q explicitly
         q, r = torch.linalg.qr(C, mode="reduced")
@@ -328,9 +334,8 @@ def _apply(kind: _Factor, f: tuple, c: torch.Tensor) -> torch.Tensor:
     """The compressed solution y for right-hand side c [m] with factors from :func:`_factor`."""
     c = c.unsqueeze(-1)
     if kind is _Factor.LU:
-        P, L, U, _ = f
-        z = torch.linalg.solve_triangular(L, P.T @ c, upper=False, unitriangular=True)
-        return torch.linalg.solve_triangular(U, z, upper=True).squeeze(-1)
+        lu, piv, _, _ = f
+        return torch.linalg.lu_solve(lu, piv, c).squeeze(-1)
     a, tau, r, _ = f
     n = r.shape[-1]
     if kind is _Factor.QR:
@@ -366,9 +371,14 @@ def _direct(Q, V, G, b, scale, atol, max_steps):
     A6 = _dense_map(Qf, Vf, Gf, scale)
     A = A6.reshape(B * H, T * E, T * D)
     with torch.no_grad():
-        bad = _DirectSolver(Qf.detach(), Vf.detach(), A6.detach()).bad.reshape(-1)
+        probe = _DirectSolver(Qf.detach(), Vf.detach(), A6.detach())
+    if torch.is_grad_enabled() and A6.requires_grad:
+        bad = probe.bad.reshape(-1)
+    else:  # no graph to poison: the probe's factors serve every head (its solve uses pinv for bad ones)
+        bad = torch.zeros(B * H, dtype=torch.bool, device=b.device)
     good_idx, bad_idx = (~bad).nonzero().squeeze(-1), bad.nonzero().squeeze(-1)
     bb = bf.reshape(B * H, T * E)
+    anorm = torch.linalg.vector_norm(A.detach(), dim=(-2, -1))  # ‖A‖_F per (batch, head)
     x = torch.zeros(B * H, T * D, dtype=b.dtype, device=b.device)
     steps = torch.ones(B * H, dtype=torch.int64, device=b.device)
     if bad_idx.numel():
@@ -376,9 +386,13 @@ def _direct(Q, V, G, b, scale, atol, max_steps):
         x = x.index_copy(0, bad_idx, x_bad)
     if good_idx.numel():
         pick = lambda t: t[:, good_idx]  # noqa: E731
-        Ag, bg = A[good_idx], bb[good_idx]
-        solver = _DirectSolver(pick(Qf), pick(Vf), pick(A6))
-        anorm_g = Ag.detach().square().sum((-1, -2)).sqrt()
+        every = good_idx.numel() == B * H
+        Ag, bg = (A, bb) if every else (A[good_idx], bb[good_idx])
+        if torch.is_grad_enabled() and A6.requires_grad:
+            solver = _DirectSolver(*((Qf, Vf, A6) if every else (pick(Qf), pick(Vf), pick(A6))))
+        else:
+            solver = probe
+        anorm_g = anorm if every else anorm[good_idx]
         xg = solver.solve(bg.unsqueeze(0)).squeeze(0)
         for it in range(max_steps + 1):
             r = bg - (Ag @ xg.unsqueeze(-1)).squeeze(-1)
@@ -389,13 +403,13 @@ def _direct(Q, V, G, b, scale, atol, max_steps):
                 break
             xg = torch.where(done[..., None], xg, xg + solver.solve(r.unsqueeze(0)).squeeze(0))
             steps = steps.index_add(0, good_idx, (~done).long())
-        x = x.index_copy(0, good_idx, xg)
-    with torch.no_grad():
-        r = bb - (A @ x.unsqueeze(-1)).squeeze(-1)
-        anorm = A.square().sum((-1, -2)).sqrt()
-        rn, xn = r.norm(dim=-1), x.norm(dim=-1)
-        arn = (A.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1).norm(dim=-1)
-        done = arn <= atol * anorm * (anorm * xn + rn)
+        x = xg if every else x.index_copy(0, good_idx, xg)
+    if not (good_idx.numel() == B * H):  # else r, arn and done of the loop are those of x
+        with torch.no_grad():
+            r = bb - (A @ x.unsqueeze(-1)).squeeze(-1)
+            arn = (A.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1).norm(dim=-1)
+            done = arn <= atol * anorm * (anorm * x.norm(dim=-1) + r.norm(dim=-1))
+    rn = r.detach().norm(dim=-1)
     bnorm = bb.detach().norm(dim=-1)
     per_head = lambda t: t.reshape(B, H)  # noqa: E731
     stats = LsqrStats(per_head(steps), per_head(_div(rn, bnorm)), per_head(_div(arn, anorm * rn)),
