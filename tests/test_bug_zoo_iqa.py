@@ -13,14 +13,6 @@ from iqa_verify.runner import RunConfig, check
 from tests.bug_zoo.iqa import BUGS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: OpenMP threads only add contention on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def test_zoo_has_at_least_eight_distinct_bugs() -> None:
     assert len({b.kind for b in BUGS}) >= 8 and len({b.kernel for b in BUGS}) == len(BUGS)

@@ -42,14 +42,6 @@ EXACT = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: OpenMP threads only add contention on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _run(impl: str, dtype=torch.float32, seed: int = 0, only=()):
     fam = family("iqa")

@@ -35,13 +35,6 @@ VARIANTS = [iqa_forward_anderson_implicit, iqa_forward_broyden_implicit, iqa_for
 VARIANT_IDS = ["anderson-implicit", "broyden-implicit", "fixed-point-implicit", "fixed-point-unrolled"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def make_case(seed, *, B=2, N=4, Din=3, Dk=2, E=3, qk_scale=1.0, value_projection=True):
     gen = torch.Generator().manual_seed(seed)

@@ -17,13 +17,6 @@ SOLVERS = [FixedPointIteration(), Anderson(), Broyden()]
 IDS = ["fixed-point", "anderson", "broyden"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def assert_passes(check):
     assert check.passed, check.describe()

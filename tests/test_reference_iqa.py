@@ -39,14 +39,6 @@ REF = tolerance(Kind.REFERENCE, F64)
 GRAD64 = tolerance(Kind.GRAD, F64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: OpenMP threads only add contention on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def make_case(seed: int, *, N=3, Din=2, Dk=2, E=2, qk_scale=1.0, value_projection=True):
     """(x, w_q, w_k, w_v) float64 from a seeded generator; w_q and w_k multiplied by ``qk_scale``."""
