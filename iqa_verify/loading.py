@@ -27,6 +27,11 @@ def _import_error(what: str, exc: BaseException) -> IqaVerifyError:
     return IqaVerifyError(f"{what} could not be imported: {last}")
 
 
+def _add_cwd_to_path() -> None:
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+
+
 def _module_from_file(path_text: str) -> Any:
     path = Path(path_text).expanduser().resolve()
     if not path.is_file():
@@ -38,7 +43,14 @@ def _module_from_file(path_text: str) -> Any:
     if spec is None or spec.loader is None:
         raise IqaVerifyError(f"IMPL file={path_text!r}: not a Python source file")
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))
+    # a kernel file may import its own directory's modules and, inside a package, its package's
+    # siblings (the directory above the outermost package goes on the path, as pytest does)
+    root = path.parent
+    while (root / "__init__.py").is_file():
+        root = root.parent
+    for folder in (root, path.parent):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
@@ -49,8 +61,7 @@ def _module_from_file(path_text: str) -> Any:
 
 
 def _module_by_name(name: str) -> Any:
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+    _add_cwd_to_path()
     try:
         return importlib.import_module(name)
     except BaseException as exc:

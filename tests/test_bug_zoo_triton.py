@@ -17,6 +17,7 @@ from iqa_verify.profiles import Profile, Size
 from iqa_verify.registry import family
 from iqa_verify.runner import RunConfig, check
 from iqa_verify.triton.mode import unavailable_reason
+from tests.bug_zoo.planted import assert_caught
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"Triton kernels unavailable: {unavailable_reason()}")
 
@@ -49,12 +50,7 @@ def test_zoo_has_the_four_kinds() -> None:
 
 @pytest.mark.parametrize("bug", BUGS, ids=[b.kernel for b in BUGS])
 def test_planted_triton_bug_is_caught(bug) -> None:
-    by_id = _verdict(bug.impl, bug.dtype, bug.caught_by)
-    for pid in bug.caught_by:
-        r = by_id[pid]
-        assert r.status is Status.FAILED, f"{bug.kernel} ({bug.kind}) not caught by {pid}: {r.status.label}"
-        c = r.counterexample
-        assert c is not None and f"--only {pid}" in c.repro and c.message
+    assert_caught(bug, profile=ZOO_PROFILE, device=_device(), kernel=getattr(zoo, bug.kernel))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -10,7 +10,7 @@ function here is a kernel with the contract's signature, so a person can run one
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,9 @@ from iqa_verify.iqa.backward import BackwardMode, Implicit, OneStep, Truncated
 from iqa_verify.iqa.kernel import IqaStats
 from iqa_verify.iqa.solvers import Anderson, FixedPointIteration, Outcome, Solver
 from properties.iqa.kernels import IqaKernelInfo
+from tests.bug_zoo.planted import PlantedBug
 
-__all__ = ["PlantedBug", "BUGS"]
+__all__ = ["BUGS"]
 
 
 def _iqa(x, w_q, w_k, w_v, scale, bug: str = "", *, solver: Solver | None = None,
@@ -141,20 +142,8 @@ def y0_zero(x, w_q, w_k, w_v=None, *, scale=None):
     return _iqa(x, w_q, w_k, w_v, scale, "y0-zero")[0]
 
 
-@dataclass(frozen=True)
-class PlantedBug:
-    """kernel: name of the function above; dtype: where it shows; caught_by: the property ids that must
-    fail; kind: what is wrong; says: a phrase the failure message must contain (lower case)."""
-
-    kernel: str
-    dtype: str
-    caught_by: tuple[str, ...]
-    kind: str
-    says: str = ""
-
-    @property
-    def impl(self) -> str:
-        return f"{__file__}:{self.kernel}"
+def _bug(kernel: str, dtype: str, caught_by: tuple[str, ...], kind: str, says: str = "") -> PlantedBug:
+    return PlantedBug(__file__, "iqa", kernel, dtype, caught_by, kind, says)
 
 
 def _p(name: str) -> str:
@@ -162,20 +151,20 @@ def _p(name: str) -> str:
 
 
 BUGS: tuple[PlantedBug, ...] = (
-    PlantedBug("scores_transposed", "float32", (_p("values"),), "score orientation Q K^T instead of K Q^T"),
-    PlantedBug("softmax_over_keys", "float32", (_p("values"), _p("convex-combination")), "softmax axis",
+    _bug("scores_transposed", "float32", (_p("values"),), "score orientation Q K^T instead of K Q^T"),
+    _bug("softmax_over_keys", "float32", (_p("values"), _p("convex-combination")), "softmax axis",
                "convex combinations"),
-    PlantedBug("one_step_gradient", "float32", (_p("gradients"),), "one-step (Jacobian-free) gradient", "one-step"),
-    PlantedBug("truncated_gradient", "float32", (_p("gradients"),), "truncated backprop claimed exact",
+    _bug("one_step_gradient", "float32", (_p("gradients"),), "one-step (Jacobian-free) gradient", "one-step"),
+    _bug("truncated_gradient", "float32", (_p("gradients"),), "truncated backprop claimed exact",
                "truncated backprop through 3"),
-    PlantedBug("detached_output", "float32", (_p("gradients"),), "detached output", "detached"),
-    PlantedBug("scale_ignored", "float32", (_p("values"), _p("gradients")), "scale keyword ignored"),
-    PlantedBug("default_scale_of_din", "float32", (_p("gradients"),), "wrong default scale (Din**-0.5)"),
-    PlantedBug("w_v_ignored", "float32", (_p("contract"), _p("values")), "w_v ignored (V = x)"),
-    PlantedBug("w_v_not_differentiated", "float32", (_p("gradients"),), "no gradient to w_v", "no gradient flows"),
-    PlantedBug("w_q_transposed", "float32", (_p("contract"), _p("values")), "w_q transposed (y w_q^T)"),
-    PlantedBug("adjoint_not_transposed", "float32", (_p("gradients"),), "adjoint with ∂f/∂y not transposed",
+    _bug("detached_output", "float32", (_p("gradients"),), "detached output", "detached"),
+    _bug("scale_ignored", "float32", (_p("values"), _p("gradients")), "scale keyword ignored"),
+    _bug("default_scale_of_din", "float32", (_p("gradients"),), "wrong default scale (Din**-0.5)"),
+    _bug("w_v_ignored", "float32", (_p("contract"), _p("values")), "w_v ignored (V = x)"),
+    _bug("w_v_not_differentiated", "float32", (_p("gradients"),), "no gradient to w_v", "no gradient flows"),
+    _bug("w_q_transposed", "float32", (_p("contract"), _p("values")), "w_q transposed (y w_q^T)"),
+    _bug("adjoint_not_transposed", "float32", (_p("gradients"),), "adjoint with ∂f/∂y not transposed",
                "not transposed"),
-    PlantedBug("too_few_iterations", "float32", (_p("fixed-point"), _p("convergence-honesty")),
+    _bug("too_few_iterations", "float32", (_p("fixed-point"), _p("convergence-honesty")),
                "too few iterations reported as converged", "reported converged"),
 )

@@ -11,13 +11,13 @@ can run one by hand::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from iqa_verify.contracts import state_dtype_for
+from tests.bug_zoo.planted import PlantedBug
 
-__all__ = ["PlantedBug", "BUGS"]
+__all__ = ["BUGS"]
 
 
 def _recurrent(q, k, v, g, initial_state, scale, bug: str = ""):
@@ -183,18 +183,8 @@ def output_in_accumulation_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
     return o.to(state_dtype_for(q.dtype)), S
 
 
-@dataclass(frozen=True)
-class PlantedBug:
-    """kernel: name of the function above; dtype: where it shows; caught_by: the property ids that must fail."""
-
-    kernel: str
-    dtype: str
-    caught_by: tuple[str, ...]
-    kind: str
-
-    @property
-    def impl(self) -> str:
-        return f"{__file__}:{self.kernel}"
+def _bug(kernel: str, dtype: str, caught_by: tuple[str, ...], kind: str) -> PlantedBug:
+    return PlantedBug(__file__, "la-forward", kernel, dtype, caught_by, kind)
 
 
 def _p(name: str) -> str:
@@ -202,20 +192,20 @@ def _p(name: str) -> str:
 
 
 BUGS: tuple[PlantedBug, ...] = (
-    PlantedBug("scale_ignored", "float32", (_p("values"), _p("gradients")), "scale != 1 untested"),
-    PlantedBug("decay_after_update", "float32", (_p("values"),), "decay applied to the new key-value too"),
-    PlantedBug("initial_state_not_decayed", "float32", (_p("values"),), "wrong initial state: first decay skipped"),
-    PlantedBug("final_state_transposed", "float32", (_p("values"),), "wrong final state: [E, D] read as [D, E]"),
-    PlantedBug("state_in_input_dtype", "bfloat16", (_p("values"),), "state accumulated in bf16"),
-    PlantedBug("heads_mixed", "float32", (_p("values"),), "mixing heads: reshape instead of transpose"),
-    PlantedBug("sequences_mixed", "float32", (_p("values"),), "mixing sequences: batch 0's initial state for all"),
-    PlantedBug("decay_not_differentiated", "float32", (_p("gradients"),), "wrong decay gradient (dg = 0)"),
-    PlantedBug("initial_state_not_differentiated", "float32", (_p("gradients"),), "no gradient to the initial state"),
-    PlantedBug("last_partial_chunk_dropped", "float32", (_p("values"),), "the last partial chunk"),
-    PlantedBug("decay_ratio_of_cumprod", "float32", (_p("finite"), _p("values")), "NaN from strong decay (0/0)"),
-    PlantedBug("cumsum_in_input_dtype", "bfloat16", (_p("values"),), "low-precision accumulation of the log-decay"),
-    PlantedBug("ragged_chunk_read_past_end", "float32", (_p("no-uninit-reads"),), "ragged chunk padded with scratch memory"),
-    PlantedBug("scales_values_in_place", "float32", (_p("inputs-unchanged"),), "modifies its input v in place"),
-    PlantedBug("state_cached_across_calls", "float32", (_p("deterministic"),), "hidden state carried across calls"),
-    PlantedBug("output_in_accumulation_dtype", "bfloat16", (_p("contract"),), "returns float32 o for bf16 inputs"),
+    _bug("scale_ignored", "float32", (_p("values"), _p("gradients")), "scale != 1 untested"),
+    _bug("decay_after_update", "float32", (_p("values"),), "decay applied to the new key-value too"),
+    _bug("initial_state_not_decayed", "float32", (_p("values"),), "wrong initial state: first decay skipped"),
+    _bug("final_state_transposed", "float32", (_p("values"),), "wrong final state: [E, D] read as [D, E]"),
+    _bug("state_in_input_dtype", "bfloat16", (_p("values"),), "state accumulated in bf16"),
+    _bug("heads_mixed", "float32", (_p("values"),), "mixing heads: reshape instead of transpose"),
+    _bug("sequences_mixed", "float32", (_p("values"),), "mixing sequences: batch 0's initial state for all"),
+    _bug("decay_not_differentiated", "float32", (_p("gradients"),), "wrong decay gradient (dg = 0)"),
+    _bug("initial_state_not_differentiated", "float32", (_p("gradients"),), "no gradient to the initial state"),
+    _bug("last_partial_chunk_dropped", "float32", (_p("values"),), "the last partial chunk"),
+    _bug("decay_ratio_of_cumprod", "float32", (_p("finite"), _p("values")), "NaN from strong decay (0/0)"),
+    _bug("cumsum_in_input_dtype", "bfloat16", (_p("values"),), "low-precision accumulation of the log-decay"),
+    _bug("ragged_chunk_read_past_end", "float32", (_p("no-uninit-reads"),), "ragged chunk padded with scratch memory"),
+    _bug("scales_values_in_place", "float32", (_p("inputs-unchanged"),), "modifies its input v in place"),
+    _bug("state_cached_across_calls", "float32", (_p("deterministic"),), "hidden state carried across calls"),
+    _bug("output_in_accumulation_dtype", "bfloat16", (_p("contract"),), "returns float32 o for bf16 inputs"),
 )

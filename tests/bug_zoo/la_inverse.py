@@ -11,15 +11,14 @@ run one by hand::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from iqa_verify.contracts import state_dtype_for
 from iqa_verify.kernels.la_solve_k import la_solve_k_recursion
 from reference.la_inverse import Unknown, la_linear_map
+from tests.bug_zoo.planted import PlantedBug
 
-__all__ = ["PlantedBug", "BUGS"]
+__all__ = ["BUGS"]
 
 
 def _heads_first(acc, *xs):
@@ -200,23 +199,8 @@ def k_stopped_early(q, v, o, g, initial_state=None, *, scale=1.0):
     return _dense_k(q, v, o, g, initial_state, scale, "stopped-early")
 
 
-@dataclass(frozen=True)
-class PlantedBug:
-    """kernel: name of the function above; family; dtype: where it shows; caught_by: the property ids that must fail."""
-
-    kernel: str
-    family: str
-    dtype: str
-    caught_by: tuple[str, ...]
-    kind: str
-
-    @property
-    def impl(self) -> str:
-        return f"{__file__}:{self.kernel}"
-
-
 def _b(name: str, family: str, props: tuple[str, ...], kind: str, dtype: str = "float32") -> PlantedBug:
-    return PlantedBug(name, family, dtype, tuple(f"{family}/{p}" for p in props), kind)
+    return PlantedBug(__file__, family, name, dtype, tuple(f"{family}/{p}" for p in props), kind)
 
 
 V, K, Q = "la-solve-v", "la-solve-k", "la-solve-q"

@@ -13,7 +13,6 @@ from iqa_verify.triton.mode import apply_interpret_mode, block_sizes
 apply_interpret_mode()
 
 import enum  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -21,8 +20,9 @@ import triton.language as tl  # noqa: E402
 
 from iqa_verify.contracts import check_la_forward_inputs, state_dtype_for  # noqa: E402
 from iqa_verify.triton.la_forward import la_bwd_launch  # noqa: E402
+from tests.bug_zoo.planted import PlantedBug  # noqa: E402
 
-__all__ = ["Bug", "PlantedTritonBug", "BUGS"]
+__all__ = ["Bug", "BUGS"]
 
 
 class Bug(enum.IntEnum):
@@ -166,27 +166,17 @@ def acc_in_input_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
     return _run(q, k, v, g, initial_state, scale, Bug.ACC_IN_INPUT_DTYPE)
 
 
-@dataclass(frozen=True)
-class PlantedTritonBug:
-    """kernel: a function above; dtype: where it shows; caught_by: property ids that must fail."""
-
-    kernel: str
-    dtype: str
-    caught_by: tuple[str, ...]
-    kind: str
-
-    @property
-    def impl(self) -> str:
-        return f"{__file__}:{self.kernel}"
+def _bug(kernel: str, dtype: str, caught_by: tuple[str, ...], kind: str) -> PlantedBug:
+    return PlantedBug(__file__, "la-forward", kernel, dtype, caught_by, kind)
 
 
 def _p(name: str) -> str:
     return f"la-forward/{name}"
 
 
-BUGS: tuple[PlantedTritonBug, ...] = (
-    PlantedTritonBug("mask_off_by_one", "float32", (_p("values"),), "load mask t <= T: one step past the sequence"),
-    PlantedTritonBug("wrong_stride", "float32", (_p("values"),), "v addressed with k's strides"),
-    PlantedTritonBug("state_unwritten", "float32", (_p("no-uninit-reads"),), "per-chunk state read before it is written"),
-    PlantedTritonBug("acc_in_input_dtype", "bfloat16", (_p("values"),), "accumulation in the input dtype (bf16 state)"),
+BUGS: tuple[PlantedBug, ...] = (
+    _bug("mask_off_by_one", "float32", (_p("values"),), "load mask t <= T: one step past the sequence"),
+    _bug("wrong_stride", "float32", (_p("values"),), "v addressed with k's strides"),
+    _bug("state_unwritten", "float32", (_p("no-uninit-reads"),), "per-chunk state read before it is written"),
+    _bug("acc_in_input_dtype", "bfloat16", (_p("values"),), "accumulation in the input dtype (bf16 state)"),
 )
