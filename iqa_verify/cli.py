@@ -101,11 +101,12 @@ def _print_failures(verdicts: Sequence[Verdict]) -> None:
                 print(r.error)
 
 
-def _run(cfg: RunConfig, args: argparse.Namespace, progress: Progress) -> Verdict:
-    print(f"{cfg.kernel_name} — {cfg.family.name}, {args.dtype}, {cfg.device}, profile {cfg.profile.name}, seed {cfg.seed}",
+def _run(cfg: RunConfig, progress: Progress, *, only: Sequence[str] = (), skip: Sequence[str] = (),
+         case: str | None = None) -> Verdict:
+    dtype = str(cfg.dtype).removeprefix("torch.")
+    print(f"{cfg.kernel_name} — {cfg.family.name}, {dtype}, {cfg.device}, profile {cfg.profile.name}, seed {cfg.seed}",
           file=progress.stream)
-    return check(cfg, only=args.only, skip=args.skip, case_json=getattr(args, "case", None),
-                 progress=progress.example, on_result=progress.result)
+    return check(cfg, only=only, skip=skip, case_json=case, progress=progress.example, on_result=progress.result)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -118,7 +119,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     report_dir = Path(args.report) if args.report else None
     cfg = RunConfig(fam, kernel, args.impl, DTYPES[args.dtype], parse_device(args.device), profile_named(args.profile),
                     args.seed, report_dir)
-    verdict = _run(cfg, args, Progress())
+    verdict = _run(cfg, Progress(), only=args.only, skip=args.skip, case=args.case)
     print()
     _print_table([verdict])
     _print_failures([verdict])
@@ -152,7 +153,7 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     verdicts = []
     for d in dtypes:
         cfg = RunConfig(fam, kernel, args.impl, DTYPES[d], device, profile_named(profile), seed)
-        verdicts.append(_run(cfg, argparse.Namespace(dtype=d, only=[], skip=[], case=None), progress))
+        verdicts.append(_run(cfg, progress))
     print()
     _print_table(verdicts)
     _print_failures(verdicts)
@@ -226,8 +227,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
                         continue
                     for dtype_name in dtypes:
                         cfg = RunConfig(fam, kernel, k.impl, DTYPES[dtype_name], device, k_profile, args.seed, out)
-                        args_ns = argparse.Namespace(dtype=dtype_name, only=[], skip=[], case=None)
-                        verdict = _run(cfg, args_ns, progress)
+                        verdict = _run(cfg, progress)
                         verdicts.append(verdict)
                         if not verdict.complete:
                             raise KeyboardInterrupt
