@@ -169,13 +169,26 @@ def _prepare(q, k, o, g, initial_state, on_singular):
     return acc, Q, K, O, G, diag, singular.any(-1)
 
 
-def _finish(V, bad, Q, K, O, G, initial_state, scale, acc, on_singular, dtype):
+def _substitute_with_fallback(substitute, acc, Q, K, O, G, diag, bad, initial_state, scale, on_singular, dtype):
+    """Run ``substitute(Q, diag, bad)`` -> V [B, H, T, E] and hand the flagged batch-heads to least squares.
+
+    Batch-heads flagged ``bad`` [B, H] (a singular step) enter the substitution with Q = 0 and a unit
+    diagonal, so their (discarded) substitution is exactly V = O / scale: finite, with exactly zero
+    gradients (a masked-out branch that overflowed would give 0 * inf = NaN in the backward). Heads
+    whose substitution overflows are flagged too and the substitution is run once more.
+    """
+    def run(bad):
+        Qs = torch.where(bad[..., None, None], torch.zeros((), dtype=acc, device=Q.device), Q)
+        return substitute(Qs, torch.where(bad.unsqueeze(-1), torch.ones_like(diag), diag), bad)
+
+    V = run(bad)
     overflow = ~torch.isfinite(V).all(-1)  # [B, H, T]
     if bool(overflow.any()):
         if on_singular is SingularPolicy.RAISE:
             b, h, t = (int(i) for i in overflow.nonzero()[0])
             raise IqaVerifyError(f"t={t}: forward substitution overflowed (batch {b}, head {h}); the Type1 system is too ill-conditioned")
         bad = bad | overflow.any(-1)
+        V = run(bad)
     if bool(bad.any()):
         V = _least_squares_heads(V, bad, Q, K, O, G, initial_state, scale, acc)
     return V.transpose(1, 2).to(dtype)
@@ -220,24 +233,28 @@ def la_solve_v(
     E = O.shape[-1]
     C = min(chunk_size, T)
     N = math.ceil(T / C)
-    Qc, Kc, Oc = (to_chunks(x, N, C) for x in (Q, K, O))  # [B, H, N, C, *]
+    Kc, Oc = (to_chunks(x, N, C) for x in (K, O))  # [B, H, N, C, *]
     Gc = to_chunks(G.unsqueeze(-1), N, C).squeeze(-1)  # [B, H, N, C]
     decay = torch.exp(segment_log_decay(Gc))  # [B, H, N, C, C]
     eye = torch.eye(C, dtype=acc, device=q.device)
     pad = (torch.arange(N * C, device=q.device) >= T).to(acc).reshape(N, C)
-    L = (Qc @ Kc.transpose(-1, -2)) * decay + torch.diag_embed(pad)  # padded steps: identity rows
-    L = torch.where(bad[..., None, None, None], eye, L)  # singular heads are redone by least squares
     into = torch.exp(Gc.cumsum(-1))  # [B, H, N, C] = exp(b_i)
     to_end = decay[..., -1, :].unsqueeze(-1)  # [B, H, N, C, 1] = exp(Gamma_Cj)
-    S = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
-    out = []
-    for L_n, Q_n, K_n, O_n, into_n, end_n in zip(*(x.unbind(2) for x in (L, Qc, Kc, Oc, into, to_end))):
-        R = O_n / scale - into_n.unsqueeze(-1) * (Q_n @ S)
-        V_n = torch.linalg.solve_triangular(L_n, R, upper=False)
-        S = into_n[..., -1, None, None] * S + (K_n * end_n).transpose(-1, -2) @ V_n
-        out.append(V_n)
-    V = torch.cat(out, dim=2)[:, :, :T]
-    return _finish(V, bad, Q, K, O, G, initial_state, scale, acc, on_singular, q.dtype)
+
+    def substitute(Qm, _diag, bad):
+        Qc = to_chunks(Qm, N, C)
+        L = (Qc @ Kc.transpose(-1, -2)) * decay + torch.diag_embed(pad)  # padded steps: identity rows
+        L = torch.where(bad[..., None, None, None], eye, L)  # singular heads are redone by least squares
+        S = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+        out = []
+        for L_n, Q_n, K_n, O_n, into_n, end_n in zip(*(x.unbind(2) for x in (L, Qc, Kc, Oc, into, to_end))):
+            R = O_n / scale - into_n.unsqueeze(-1) * (Q_n @ S)
+            V_n = torch.linalg.solve_triangular(L_n, R, upper=False)
+            S = into_n[..., -1, None, None] * S + (K_n * end_n).transpose(-1, -2) @ V_n
+            out.append(V_n)
+        return torch.cat(out, dim=2)[:, :, :T]
+
+    return _substitute_with_fallback(substitute, acc, Q, K, O, G, diag, bad, initial_state, scale, on_singular, q.dtype)
 
 
 def la_solve_v_sequential(
@@ -259,14 +276,16 @@ def la_solve_v_sequential(
     acc, Q, K, O, G, diag, bad = _prepare(q, k, o, g, initial_state, on_singular)
     B, H, T, D = Q.shape
     E = O.shape[-1]
-    diag = torch.where(bad.unsqueeze(-1), torch.ones_like(diag), diag)
     lam = torch.exp(G)
-    S = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
-    out = []
-    for t in range(T):
-        carried = lam[..., t, None, None] * S
-        v_t = (O[..., t, :] / scale - (Q[..., t, None, :] @ carried).squeeze(-2)) / diag[..., t, None]
-        S = carried + K[..., t, :, None] * v_t[..., None, :]
-        out.append(v_t)
-    V = torch.stack(out, dim=2)
-    return _finish(V, bad, Q, K, O, G, initial_state, scale, acc, on_singular, q.dtype)
+
+    def substitute(Qm, diag, _bad):
+        S = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+        out = []
+        for t in range(T):
+            carried = lam[..., t, None, None] * S
+            v_t = (O[..., t, :] / scale - (Qm[..., t, None, :] @ carried).squeeze(-2)) / diag[..., t, None]
+            S = carried + K[..., t, :, None] * v_t[..., None, :]
+            out.append(v_t)
+        return torch.stack(out, dim=2)
+
+    return _substitute_with_fallback(substitute, acc, Q, K, O, G, diag, bad, initial_state, scale, on_singular, q.dtype)
