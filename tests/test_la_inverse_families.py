@@ -112,6 +112,24 @@ def test_spec_for_another_family_is_refused() -> None:
         family("la-solve-q").spec_from_json(spec.to_json())
 
 
+def test_type1_rank_is_exact_not_the_float64_cutoff() -> None:
+    """Seed-sweep finding (seed 3): a no-decay Type1 system with every q_t·k_t != 0 has 4 singular
+    values below the float64 pinv cut-off by growth along the substitution. It is invertible, so it
+    counts as identifiable and so ill-conditioned that no forward error is demanded; the float64
+    rank (76 of 80) demanded the truncated pinv answer that substitution rightly does not give."""
+    fam = family("la-solve-v")
+    spec = fam.spec_from_json('{"B":1,"T":20,"H":1,"D":5,"E":4,"decay":"none","initial_state":false,'
+                              '"layout":"contiguous","magnitude":0,"scale":1.0,"seed":1369,"unknown":"v",'
+                              '"conditioning":"ill","consistent":true}')
+    case = fam.build(spec, torch.float32, torch.device("cpu"))
+    inputs = {n: (t.double() if t is not None else None) for n, t in case.inputs.items()}
+    sys_ = analyse(Unknown.V, inputs, 1.0)
+    assert sys_.identifiable((0, 0)) and int(sys_.rank[0, 0]) == 80
+    assert float(sys_.kappa_ls[0, 0]) < 1e4  # what the cut-off alone would have judged by
+    assert not forward_checked(float(sys_.kappa[0, 0]), torch.float32)
+    assert float(sys_.size[0, 0]) >= float(sys_.sigma_max[0, 0])
+
+
 def test_solvability_map_shape_and_facts() -> None:
     grid = ((1, 1, 1), (6, 3, 1), (6, 3, 2), (6, 2, 4))
     rows = solvability_map(grid, dtype=torch.float32)

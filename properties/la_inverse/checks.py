@@ -2,22 +2,25 @@
 
 Per batch and head the problem is ``vec(O) = A vec(X) + c`` (:func:`reference.la_inverse.la_linear_map`),
 ``b = vec(O) - c``, ``x_ref = pinv(A) b`` (float64), ``r = b - A x_ref`` (the part of b no X reaches),
-``sigma`` the singular values of A, ``rank`` its numerical rank (torch's pinv cut-off), ``kappa =
-sigma_max / sigma_rank``. All norms are 2-norms per (batch, head); ``eps``-based allowances come from
-the tolerance table (:data:`Kind.BACKWARD_ERROR`, :data:`Kind.FORWARD_ERROR`). The properties:
+``sigma`` the singular values of A, ``‖|A|‖`` the 2-norm of the map built from the knowns' magnitudes
+(what input rounding perturbs A by, per unit eps), ``rank`` its rank (torch's pinv cut-off; for Type1
+the exact rule "every q_t·k_t != 0"), ``kappa = ‖|A|‖ / sigma_rank`` and ``kappa_ls`` the same over the
+singular values above the float64 cut-off (see :func:`analyse`). All norms are 2-norms per (batch,
+head); ``eps``-based allowances come from the tolerance table (:data:`Kind.BACKWARD_ERROR`,
+:data:`Kind.FORWARD_ERROR`). The properties:
 
-- ``backward-error``: ``|A^T (A x - b)| <= atol * ‖A‖ (‖A‖ ‖x‖ + ‖o‖ + ‖c‖)`` elementwise, whatever the
+- ``backward-error``: ``|A^T (A x - b)| <= atol * ‖A‖ (‖|A|‖ ‖x‖ + ‖o‖ + ‖c‖)`` elementwise, whatever the
   conditioning (the normal-equation residual of a backward-stable least-squares solver).
 - ``o-roundtrip``: ``la_forward(x)`` equals the consistent part ``A x_ref + c`` of o (o itself when o
-  is consistent) within ``atol * (‖A‖ max(‖x‖, ‖x_ref‖) + ‖o‖ + ‖c‖ + kappa ‖r‖)``.
+  is consistent) within ``atol * (‖|A|‖ max(‖x‖, ‖x_ref‖) + ‖o‖ + ‖c‖ + kappa_ls ‖r‖)``.
 - ``unknown-roundtrip``: solving ``o' = la_forward(x_true)`` gives x_true where the unknown is
   identifiable (rank = its size: Type1 all q_t·k_t != 0; Type3 every S_t of full column rank; Type2 the
   map of K of full column rank), else its projection ``pinv(A) A x_true`` onto the row space; within
-  ``atol * kappa (‖x_true‖ + (‖o‖ + ‖c‖) / ‖A‖)`` where ``kappa eps`` is small (see :func:`forward_checked`).
+  ``atol * kappa (‖x_true‖ + (‖o‖ + ‖c‖) / ‖|A|‖)`` where ``kappa eps`` is small (see :func:`forward_checked`).
 - ``idempotent``: solving ``la_forward(x)`` again gives x back (x is in the row space), same bound.
 - ``minimum-norm``: x equals the float64 ``pinv(A) b`` within ``atol * (kappa (‖x_ref‖ + (‖o‖ + ‖c‖) /
-  sigma_max) + kappa^2 ‖r‖ / sigma_max)`` where ``kappa eps`` is small; where the system is worse conditioned only the backward
-  error and the O round trip are demanded.
+  ‖|A|‖) + kappa^2 ‖r‖ / ‖|A|‖)`` where ``kappa eps`` is small; where the system is worse conditioned
+  only the backward error and the O round trip are demanded.
 - ``gradients``: on full-column-rank systems with ``kappa eps`` small (there the pseudo-inverse is
   smooth), gradients equal those of the float64 dense pinv under the GRAD tolerance and baseline rule,
   its atol scaled up to ``kappa^2 * FORWARD_ERROR atol * ‖ref‖∞`` where that is larger (derivatives of a least-squares
@@ -66,7 +69,10 @@ def forward_checked(kappa: float, dtype: torch.dtype) -> bool:
 @dataclass(frozen=True)
 class DenseSystem:
     """The float64 dense system of one case: map, rhs ``b`` [B, H, T*E], ``x_ref`` [B, T, H, n],
-    ``data_norm = ‖vec(O)‖ + ‖c‖`` (what a solver forming b = vec(O) - c rounds), residual norm ``r_norm``, ``sigma_max``, ``rank``, ``kappa`` (all [B, H]), and ``n_cols = T*n``."""
+    ``data_norm = ‖vec(O)‖ + ‖c‖`` (what a solver forming b = vec(O) - c rounds), residual norm
+    ``r_norm``, ``sigma_max`` = ‖A‖, ``size`` = ‖|A|‖ (the 2-norm of the map built from the knowns'
+    magnitudes, see :func:`analyse`), ``rank``, ``kappa`` (forward-error condition number) and
+    ``kappa_ls`` (over the singular values above the float64 cut-off), all [B, H], and ``n_cols = T*n``."""
 
     unknown: Unknown
     lmap: LinearMap
@@ -75,8 +81,10 @@ class DenseSystem:
     data_norm: torch.Tensor
     r_norm: torch.Tensor
     sigma_max: torch.Tensor
+    size: torch.Tensor
     rank: torch.Tensor
     kappa: torch.Tensor
+    kappa_ls: torch.Tensor
     n_cols: int
 
     def identifiable(self, bh: tuple[int, int]) -> bool:
@@ -85,7 +93,8 @@ class DenseSystem:
     def describe(self, bh: tuple[int, int]) -> str:
         ident = "identifiable" if self.identifiable(bh) else "not identifiable (minimum-norm answer)"
         return (f"system {tuple(self.lmap.matrix.shape[-2:])} at (b={bh[0]}, h={bh[1]}): rank {int(self.rank[bh])} of"
-                f" {self.n_cols} ({ident}), kappa {float(self.kappa[bh]):.3g}, sigma_max {float(self.sigma_max[bh]):.3g},"
+                f" {self.n_cols} ({ident}), kappa {float(self.kappa[bh]):.3g} (over the nonzero singular values:"
+                f" {float(self.kappa_ls[bh]):.3g}), sigma_max {float(self.sigma_max[bh]):.3g}, ‖|A|‖ {float(self.size[bh]):.3g},"
                 f" inconsistent part ‖r‖ {float(self.r_norm[bh]):.3g}")
 
 
@@ -98,22 +107,47 @@ def _float64_inputs(case: Case) -> dict[str, torch.Tensor | None]:
 
 
 def analyse(unknown: Unknown, inputs: dict[str, torch.Tensor | None], scale: float) -> DenseSystem:
-    """Dense float64 analysis of the inverse problem with kernel inputs ``inputs`` (contract order)."""
+    """Dense float64 analysis of the inverse problem with kernel inputs ``inputs`` (contract order).
+
+    Two facts shape what the properties may demand:
+
+    * Input rounding. A kernel forms A from the knowns in its own precision; each entry is off by up to
+      ``eps`` times the same entry of ``|A|``-from-magnitudes (the map built from ``|a|, |b|, |S_0|``:
+      q_t·k_t carries an error ``eps Σ|q_t[i] k_t[i]|`` however small q_t·k_t is). Condition numbers
+      are therefore taken against ``size = ‖|A|‖ >= ‖A‖``, not ``‖A‖`` alone.
+    * Rank. The float64 cut-off decides which singular values are zero. For Type1 that decision is
+      exact instead: P is triangular, so A is invertible exactly when every ``q_t·k_t != 0`` (the
+      issue's identifiability rule), however small its smallest singular value has become by growth
+      along the substitution (no-decay triangular systems reach ``sigma_min < 1e-16 sigma_max`` by
+      chance). Such a system is identifiable and so ill-conditioned that no forward error is demanded
+      (``kappa`` over all singular values); the float64 pinv's rank decision would otherwise demand
+      an answer that drops components a backward-stable substitution rightly keeps.
+    """
     a, b_, o, g, s0 = inputs.values()
     lmap = la_linear_map(unknown, a, b_, o, g, s0, scale=scale)
+    mags = la_linear_map(unknown, a.abs(), b_.abs(), o, g, s0.abs() if s0 is not None else None, scale=abs(scale))
     A = lmap.matrix
     sigma = torch.linalg.svdvals(A)  # [B, H, min(m, n)]
     smax = sigma[..., 0]
+    size = torch.maximum(torch.linalg.matrix_norm(mags.matrix, ord=2), smax)
     cut = torch.finfo(F64).eps * max(A.shape[-2:]) * smax
-    nonzero = sigma > cut.unsqueeze(-1)
+    above_cut = sigma > cut.unsqueeze(-1)
+    nonzero = above_cut
+    if unknown is Unknown.V:  # exact rule: invertible iff every q_t·k_t != 0
+        invertible = ((a * b_).sum(-1) != 0).all(1)  # [B, H]
+        nonzero = torch.where(invertible.unsqueeze(-1), torch.ones_like(nonzero), nonzero)
     rank = nonzero.sum(-1)
-    smin = torch.where(nonzero, sigma, torch.full_like(sigma, math.inf)).min(-1).values
-    kappa = torch.where(rank > 0, smax / smin, torch.ones_like(smax))
+
+    def kappa_over(mask):
+        smin = torch.where(mask, sigma, torch.full_like(sigma, math.inf)).min(-1).values
+        return torch.where(mask.any(-1), size / smin, torch.ones_like(smax))
+
     rhs = lmap.rhs(o)
     x_ref = lmap.solve(o)
     r = rhs - (A @ _vec_unknown(x_ref).unsqueeze(-1)).squeeze(-1)
     data = lmap.offset.norm(dim=-1) + (rhs + lmap.offset).norm(dim=-1)
-    return DenseSystem(unknown, lmap, rhs, x_ref, data, r.norm(dim=-1), smax, rank, kappa, A.shape[-1])
+    return DenseSystem(unknown, lmap, rhs, x_ref, data, r.norm(dim=-1), smax, size, rank,
+                       kappa_over(nonzero), kappa_over(above_cut), A.shape[-1])
 
 
 def _vec_unknown(x: torch.Tensor) -> torch.Tensor:
@@ -178,9 +212,9 @@ def check_backward_error(ctx: PropertyContext) -> None:
     T, n = x.shape[1], sys_.lmap.n
     scales, notes = {}, {}
     for bh in _bh_list(sys_):
-        smax = float(sys_.sigma_max[bh])
-        scales[bh] = smax * (smax * float(xv[bh].norm()) + float(sys_.data_norm[bh]))
-        notes[bh] = f"A^T(A x - b) against 0, scale ‖A‖(‖A‖‖x‖+‖o‖+‖c‖) = {scales[bh]:.3g}; {sys_.describe(bh)}"
+        smax, size = float(sys_.sigma_max[bh]), float(sys_.size[bh])
+        scales[bh] = smax * (size * float(xv[bh].norm()) + float(sys_.data_norm[bh]))
+        notes[bh] = f"A^T(A x - b) against 0, scale ‖A‖(‖|A|‖‖x‖+‖o‖+‖c‖) = {scales[bh]:.3g}; {sys_.describe(bh)}"
     checks = _per_bh("normal-residual", _unvec(normal, T, n), torch.zeros_like(_unvec(normal, T, n)),
                      Kind.BACKWARD_ERROR, case.dtype, scales, notes)
     ctx.require(checks, "normal-equation residual A^T(A x - b) too large: x is not a least-squares solution")
@@ -195,10 +229,10 @@ def check_o_roundtrip(ctx: PropertyContext) -> None:
     want = lm.apply(sys_.x_ref)  # the consistent part of o
     scales, notes = {}, {}
     for bh in _bh_list(sys_):
-        smax, kappa = float(sys_.sigma_max[bh]), float(sys_.kappa[bh])
+        size, kappa = float(sys_.size[bh]), float(sys_.kappa_ls[bh])
         xn = max(float(_vec_unknown(x)[bh].norm()), float(_vec_unknown(sys_.x_ref)[bh].norm()))
-        scales[bh] = smax * xn + float(sys_.data_norm[bh]) + kappa * float(sys_.r_norm[bh])
-        notes[bh] = (f"la_forward(x) against the consistent part of o, scale ‖A‖max(‖x‖,‖x_ref‖)+‖o‖+‖c‖+kappa‖r‖"
+        scales[bh] = size * xn + float(sys_.data_norm[bh]) + kappa * float(sys_.r_norm[bh])
+        notes[bh] = (f"la_forward(x) against the consistent part of o, scale ‖|A|‖max(‖x‖,‖x_ref‖)+‖o‖+‖c‖+kappa_ls‖r‖"
                      f" = {scales[bh]:.3g}; {sys_.describe(bh)}")
     checks = _per_bh("o-roundtrip/o", got, want, Kind.BACKWARD_ERROR, case.dtype, scales, notes)
     ctx.require(checks, "la_forward of the solution does not reproduce the consistent part of o")
@@ -212,12 +246,12 @@ def _forward_error_checks(path: str, got: torch.Tensor, want: torch.Tensor, sys_
         if not forward_checked(kappa, dtype):
             skipped.append(f"(b={bh[0]}, h={bh[1]}) kappa {kappa:.3g}")
             continue
-        smax = max(float(sys_.sigma_max[bh]), 1e-300)
-        scale = kappa * (float(_vec_unknown(want)[bh].norm()) + float(sys_.data_norm[bh]) / smax)
+        size = max(float(sys_.size[bh]), 1e-300)
+        scale = kappa * (float(_vec_unknown(want)[bh].norm()) + float(sys_.data_norm[bh]) / size)
         if kappa2_term:
-            scale += kappa * kappa * float(sys_.r_norm[bh]) / smax
+            scale += kappa * kappa * float(sys_.r_norm[bh]) / size
         scales[bh] = scale
-        notes[bh] = f"{extra}; allowed atol * scale, scale = kappa (‖x_ref‖ + (‖o‖+‖c‖)/‖A‖){' + kappa^2 ‖r‖/‖A‖' if kappa2_term else ''} = {scale:.3g}; {sys_.describe(bh)}"
+        notes[bh] = f"{extra}; allowed atol * scale, scale = kappa (‖x_ref‖ + (‖o‖+‖c‖)/‖|A|‖){' + kappa^2 ‖r‖/‖|A|‖' if kappa2_term else ''} = {scale:.3g}; {sys_.describe(bh)}"
     checks = _per_bh(path, got, want, Kind.FORWARD_ERROR, dtype, scales, notes)
     if skipped:
         checks.append(TensorCheck(path=f"{path}[too ill-conditioned]", passed=True, ratio=0.0,
