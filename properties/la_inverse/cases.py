@@ -242,20 +242,42 @@ def _condition(spec: SolveCase, t: dict[str, torch.Tensor | None], gen: torch.Ge
         t["k"] = torch.cat([torch.zeros_like(k[:, :1]), k[:, 1:]], dim=1)
 
 
+HEADROOM = 64.0
+"""o is kept below ``finfo(dtype).max / HEADROOM`` (see :func:`build_solve_problem`)."""
+
+
 def build_solve_problem(spec: SolveCase, dtype: torch.dtype) -> SolveProblem:
     """The float64 problem of ``spec`` with every tensor already rounded to ``dtype`` (see the module
-    docstring). Depends only on (spec, dtype)."""
+    docstring). Depends only on (spec, dtype).
+
+    Range: where o would not fit ``dtype`` with :data:`HEADROOM` (fp16 tops out at 65504; o grows like
+    T |q| |k| |v|), q, k, v are scaled by ``f`` and S_0 by ``f^2`` (o scales by ``f^3``) so that it does:
+    a problem whose o cannot be written in the dtype is not an input the kernel can be given.
+    """
     base = replace(spec.la, layout=Layout.CONTIGUOUS)
     t = build_la_inputs(base, F64, torch.device("cpu"), names=("q", "k", "v"))
     gen = torch.Generator().manual_seed(spec.la.seed + 104729)
     _condition(spec, t, gen)
+    la = spec.la
+    noise = None if spec.consistent else 0.1 * (10.0 ** la.magnitude) ** 2 * torch.randn(
+        la.B, la.T, la.H, la.E, generator=gen, dtype=F64)
+    rounded, o = _rounded_problem(t, spec, dtype, noise)
+    limit = torch.finfo(dtype).max / HEADROOM
+    peak = float(o.abs().max())
+    if peak > limit:
+        f = (limit / peak) ** (1.0 / 3.0)
+        t = {n: (x * (f * f if n == "initial_state" else f) if x is not None and n != "g" else x) for n, x in t.items()}
+        rounded, o = _rounded_problem(t, spec, dtype, None if noise is None else noise * f**3)
+    return SolveProblem(rounded, rounded[spec.unknown.value], o.to(dtype).to(F64))
+
+
+def _rounded_problem(t: dict[str, torch.Tensor | None], spec: SolveCase, dtype: torch.dtype,
+                     noise: torch.Tensor | None) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
+    """The inputs rounded to ``dtype`` (as float64) and o = la_forward of them (+ noise), float64."""
     rounded = {n: (x.to(dtype).to(F64) if x is not None else None) for n, x in t.items()}
     o = la_forward_ref(rounded["q"], rounded["k"], rounded["v"], rounded["g"], rounded["initial_state"],
                        scale=spec.la.scale)[0]
-    if not spec.consistent:
-        amp = 10.0 ** spec.la.magnitude
-        o = o + 0.1 * amp * amp * torch.randn(o.shape, generator=gen, dtype=F64)
-    return SolveProblem(rounded, rounded[spec.unknown.value], o.to(dtype).to(F64))
+    return rounded, (o if noise is None else o + noise)
 
 
 def build_solve_inputs(spec: SolveCase, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor | None]:
