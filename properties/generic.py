@@ -25,7 +25,10 @@ from iqa_verify.family import Case, Property, PropertyContext, Violation
 from iqa_verify.poison import nan_poisoned_allocations
 from iqa_verify.tolerances import Kind, tolerance
 
-__all__ = ["shared_properties", "cotangents_for", "ForwardBackward", "run_forward_backward", "reference_forward_backward"]
+__all__ = [
+    "shared_properties", "cotangents_for", "ForwardBackward", "nonfinite_problem", "run_forward_backward",
+    "reference_forward_backward",
+]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -170,10 +173,12 @@ def _gradients(ctx: PropertyContext) -> None:
     ctx.require(_grad_checks(ctx, got, ref, base), "gradients differ from the float64 reference")
 
 
-def _nonfinite(path: str, got: torch.Tensor | None, ref: torch.Tensor | None, dtype: torch.dtype,
-               kind: Kind) -> str | None:
+def nonfinite_problem(path: str, got: torch.Tensor | None, ref: torch.Tensor | None, dtype: torch.dtype,
+                      kind: Kind, judge_overflow: bool = True) -> str | None:
     """Non-finite kernel values where the reference is finite in ``dtype`` with room for the allowed
-    relative error (a reference within rtol of the dtype's largest number may legitimately overflow)."""
+    relative error (a reference within rtol of the dtype's largest number may legitimately overflow).
+    With ``judge_overflow=False`` only NaN counts (callers that cannot bound the error, e.g. gradients
+    of an ill-conditioned solve, accept an overflow to inf but never a NaN)."""
     if got is None or ref is None:
         return None
     r = ref.detach().to("cpu", torch.float64)
@@ -182,7 +187,7 @@ def _nonfinite(path: str, got: torch.Tensor | None, ref: torch.Tensor | None, dt
         return None
     room = 1.0 + tolerance(kind, dtype).rtol
     finite_ref = torch.isfinite(r) & (r.abs() * room <= torch.finfo(dtype).max)
-    bad = finite_ref & ~torch.isfinite(a)
+    bad = finite_ref & (torch.isnan(a) if not judge_overflow else ~torch.isfinite(a))
     if not bool(bad.any()):
         return None
     first = [int(i) for i in torch.nonzero(bad)[0]]
@@ -193,8 +198,8 @@ def _finite(ctx: PropertyContext) -> None:
     ref, cots = reference_forward_backward(ctx)
     got = run_forward_backward(ctx, cots)
     dtype = ctx.case.dtype
-    problems = [_nonfinite(f"out/{n}", got.outputs[n], ref.outputs[n], dtype, Kind.VALUE) for n in ref.outputs]
-    problems += [_nonfinite(f"grad/d{n}", got.grads[n], ref.grads[n], dtype, Kind.GRAD) for n in ref.grads]
+    problems = [nonfinite_problem(f"out/{n}", got.outputs[n], ref.outputs[n], dtype, Kind.VALUE) for n in ref.outputs]
+    problems += [nonfinite_problem(f"grad/d{n}", got.grads[n], ref.grads[n], dtype, Kind.GRAD) for n in ref.grads]
     problems = [p for p in problems if p]
     if problems:
         raise Violation("non-finite values where the float64 reference is finite:\n  " + "\n  ".join(problems))

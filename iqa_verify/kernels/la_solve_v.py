@@ -175,14 +175,18 @@ def _substitute_with_fallback(substitute, acc, Q, K, O, G, diag, bad, initial_st
     Batch-heads flagged ``bad`` [B, H] (a singular step) enter the substitution with Q = 0 and a unit
     diagonal, so their (discarded) substitution is exactly V = O / scale: finite, with exactly zero
     gradients (a masked-out branch that overflowed would give 0 * inf = NaN in the backward). Heads
-    whose substitution overflows are flagged too and the substitution is run once more.
+    whose substitution overflows are flagged too and the substitution is run once more; so are heads
+    whose answer does not fit the output dtype (fp16 tops out at 65504): an exact solve of a system
+    that is singular to the output's precision is not an answer the caller can hold, its minimum-norm
+    least-squares solution with a float32 rank decision usually is.
     """
+    limit = torch.finfo(dtype).max
     def run(bad):
         Qs = torch.where(bad[..., None, None], torch.zeros((), dtype=acc, device=Q.device), Q)
         return substitute(Qs, torch.where(bad.unsqueeze(-1), torch.ones_like(diag), diag), bad)
 
     V = run(bad)
-    overflow = ~torch.isfinite(V).all(-1)  # [B, H, T]
+    overflow = ~(V.abs() <= limit).all(-1)  # [B, H, T]: inf, NaN or beyond the output dtype
     if bool(overflow.any()):
         if on_singular is SingularPolicy.RAISE:
             b, h, t = (int(i) for i in overflow.nonzero()[0])

@@ -21,6 +21,11 @@ head); ``eps``-based allowances come from the tolerance table (:data:`Kind.BACKW
 - ``minimum-norm``: x equals the float64 ``pinv(A) b`` within ``atol * (kappa (‖x_ref‖ + (‖o‖ + ‖c‖) /
   ‖|A|‖) + kappa^2 ‖r‖ / ‖|A|‖)`` where ``kappa eps`` is small; where the system is worse conditioned
   only the backward error and the O round trip are demanded.
+- ``finite``: never NaN where the float64 reference is finite; not inf either where the reference
+  fits the dtype and the size of the answer is determined: the solution where ``kappa eps`` is small
+  (forward errors are demanded), its gradients where the gradients property applies. Elsewhere an
+  ill-conditioned answer (or the gradient of a pseudo-inverse) may legitimately overflow fp16.
+  ``backward-error`` treats an overflowed answer the same way.
 - ``gradients``: on full-column-rank systems with ``kappa eps`` small (there the pseudo-inverse is
   smooth), gradients equal those of the float64 dense pinv under the GRAD tolerance and baseline rule,
   its atol scaled up to ``kappa^2 * FORWARD_ERROR atol * ‖ref‖∞`` where that is larger (derivatives of a least-squares
@@ -38,7 +43,7 @@ import torch
 from iqa_verify.comparison import TensorCheck, compare
 from iqa_verify.family import Case, PropertyContext, Violation
 from iqa_verify.tolerances import Kind, tolerance
-from properties.generic import reference_forward_backward, run_forward_backward
+from properties.generic import nonfinite_problem, reference_forward_backward, run_forward_backward
 from properties.la_inverse.cases import build_solve_problem
 from reference.la_forward import la_forward_ref
 from reference.la_inverse import LinearMap, Unknown, la_linear_map
@@ -47,6 +52,7 @@ __all__ = [
     "DenseSystem",
     "analyse",
     "check_backward_error",
+    "check_finite",
     "check_gradients",
     "check_idempotent",
     "check_minimum_norm",
@@ -202,21 +208,34 @@ def check_backward_error(ctx: PropertyContext) -> None:
     sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
     A = sys_.lmap.matrix
     xv = _vec_unknown(x)
-    if not bool(torch.isfinite(xv).all()):
-        bad = int((~torch.isfinite(xv)).sum())
-        raise Violation(f"out/{_unknown(case).value}: {bad} non-finite values; the minimum-norm least-squares"
-                        " solution is finite for finite inputs (a pseudo-inverse, not an exact inverse, is needed"
-                        " where the system is singular)")
+    u = _unknown(case).value
+    unjudged = []
+    for bh in _bh_list(sys_):
+        nan, inf = int(torch.isnan(xv[bh]).sum()), int(torch.isinf(xv[bh]).sum())
+        if nan or (inf and forward_checked(float(sys_.kappa[bh]), case.dtype)):
+            raise Violation(f"out/{u} at (b={bh[0]}, h={bh[1]}): {nan} NaN and {inf} inf values; the minimum-norm"
+                            " least-squares solution is finite for finite inputs (a pseudo-inverse, not an exact"
+                            f" inverse, is needed where the system is singular); {sys_.describe(bh)}")
+        if inf:  # an ill-conditioned answer too large for the dtype (fp16): overflow is not judged
+            unjudged.append(bh)
+    xv = torch.where(torch.isinf(xv), torch.zeros((), dtype=F64), xv)
     resid = (A @ xv.unsqueeze(-1)).squeeze(-1) - sys_.b
     normal = (A.transpose(-1, -2) @ resid.unsqueeze(-1)).squeeze(-1)  # [B, H, T*n]
     T, n = x.shape[1], sys_.lmap.n
     scales, notes = {}, {}
     for bh in _bh_list(sys_):
+        if bh in unjudged:
+            continue
         smax, size = float(sys_.sigma_max[bh]), float(sys_.size[bh])
         scales[bh] = smax * (size * float(xv[bh].norm()) + float(sys_.data_norm[bh]))
         notes[bh] = f"A^T(A x - b) against 0, scale ‖A‖(‖|A|‖‖x‖+‖o‖+‖c‖) = {scales[bh]:.3g}; {sys_.describe(bh)}"
     checks = _per_bh("normal-residual", _unvec(normal, T, n), torch.zeros_like(_unvec(normal, T, n)),
                      Kind.BACKWARD_ERROR, case.dtype, scales, notes)
+    if unjudged:
+        checks.append(TensorCheck(path="normal-residual[overflowed]", passed=True, ratio=0.0,
+                                  note="not judged: the answer overflowed the dtype on a system too ill-conditioned for"
+                                       " its size to be determined (kappa > 1/sqrt(eps)) at " +
+                                       ", ".join(f"(b={b}, h={h})" for b, h in unjudged)))
     ctx.require(checks, "normal-equation residual A^T(A x - b) too large: x is not a least-squares solution")
 
 
@@ -238,9 +257,18 @@ def check_o_roundtrip(ctx: PropertyContext) -> None:
     ctx.require(checks, "la_forward of the solution does not reproduce the consistent part of o")
 
 
+def _rounding_norm(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """‖round_dtype(o) - o‖ per (batch, head): o [B, T, H, E] float64 -> [B, H] (subnormals included)."""
+    return (exact.to(dtype).to(F64) - exact).transpose(1, 2).flatten(2).norm(dim=-1)
+
+
 def _forward_error_checks(path: str, got: torch.Tensor, want: torch.Tensor, sys_: DenseSystem, dtype: torch.dtype,
-                          extra: str, kappa2_term: bool) -> list[TensorCheck]:
+                          extra: str, kappa2_term: bool, o_rounding: torch.Tensor | None = None) -> list[TensorCheck]:
+    """Forward-error checks per (batch, head). ``o_rounding`` [B, H]: the norm of the perturbation the
+    property itself put on o by rounding it to the case dtype (round trips): ``want`` is the answer
+    for the unrounded o, so ``‖A^+ δo‖ <= kappa ‖δo‖ / ‖|A|‖`` is allowed on top, at face value."""
     scales, notes, skipped = {}, {}, []
+    atol = tolerance(Kind.FORWARD_ERROR, dtype).atol
     for bh in _bh_list(sys_):
         kappa = float(sys_.kappa[bh])
         if not forward_checked(kappa, dtype):
@@ -250,8 +278,12 @@ def _forward_error_checks(path: str, got: torch.Tensor, want: torch.Tensor, sys_
         scale = kappa * (float(_vec_unknown(want)[bh].norm()) + float(sys_.data_norm[bh]) / size)
         if kappa2_term:
             scale += kappa * kappa * float(sys_.r_norm[bh]) / size
+        terms = ' + kappa^2 ‖r‖/‖|A|‖' if kappa2_term else ''
+        if o_rounding is not None:
+            scale += kappa * float(o_rounding[bh]) / size / atol
+            terms += f' + kappa ‖δo‖/‖|A|‖/atol (o rounded to the dtype, ‖δo‖ = {float(o_rounding[bh]):.3g})'
         scales[bh] = scale
-        notes[bh] = f"{extra}; allowed atol * scale, scale = kappa (‖x_ref‖ + (‖o‖+‖c‖)/‖|A|‖){' + kappa^2 ‖r‖/‖|A|‖' if kappa2_term else ''} = {scale:.3g}; {sys_.describe(bh)}"
+        notes[bh] = f"{extra}; allowed rtol |x_ref| + atol * scale, scale = kappa (‖x_ref‖ + (‖o‖+‖c‖)/‖|A|‖){terms} = {scale:.3g}; {sys_.describe(bh)}"
     checks = _per_bh(path, got, want, Kind.FORWARD_ERROR, dtype, scales, notes)
     if skipped:
         checks.append(TensorCheck(path=f"{path}[too ill-conditioned]", passed=True, ratio=0.0,
@@ -281,8 +313,8 @@ def check_unknown_roundtrip(ctx: PropertyContext) -> None:
     u = _unknown(case)
     problem = build_solve_problem(case.spec, case.dtype)
     fwd = problem.forward_inputs
-    o = la_forward_ref(fwd["q"], fwd["k"], fwd["v"], fwd["g"], fwd["initial_state"], scale=case.kwargs["scale"])[0]
-    o = o.to(case.dtype).to(F64)
+    exact = la_forward_ref(fwd["q"], fwd["k"], fwd["v"], fwd["g"], fwd["initial_state"], scale=case.kwargs["scale"])[0]
+    o = exact.to(case.dtype).to(F64)
     x = _solve_for(ctx, o)
     inputs = {**_float64_inputs(case), "o": o}
     sys_ = analyse(u, inputs, case.kwargs["scale"])
@@ -292,7 +324,7 @@ def check_unknown_roundtrip(ctx: PropertyContext) -> None:
     want = _unvec(projected, x.shape[1], sys_.lmap.n)
     checks = _forward_error_checks(f"roundtrip/{u.value}", x, want, sys_, case.dtype,
                                    "solve(la_forward(x_true)) against x_true (its row-space projection where"
-                                   " not identifiable)", False)
+                                   " not identifiable)", False, _rounding_norm(exact, case.dtype))
     ctx.require(checks, "solving la_forward(x_true) does not give x_true back (or its projection)")
 
 
@@ -302,11 +334,13 @@ def check_idempotent(ctx: PropertyContext) -> None:
     x1 = _solve(ctx)
     inputs = _float64_inputs(case)
     sys_ = analyse(u, {**inputs}, case.kwargs["scale"])
-    o2 = sys_.lmap.apply(x1).to(case.dtype).to(F64)
+    exact = sys_.lmap.apply(x1)
+    o2 = exact.to(case.dtype).to(F64)
     x2 = _solve_for(ctx, o2)
     sys2 = analyse(u, {**inputs, "o": o2}, case.kwargs["scale"])
     checks = _forward_error_checks(f"idempotent/{u.value}", x2, x1.to(F64), sys2, case.dtype,
-                                   "solve(la_forward(x)) against x, x the first solution", False)
+                                   "solve(la_forward(x)) against x, x the first solution", False,
+                                   _rounding_norm(exact, case.dtype))
     ctx.require(checks, "solving la_forward(x) for the kernel's own solution x does not give x back")
 
 
@@ -349,3 +383,22 @@ def _baseline_grads(ctx: PropertyContext, cots: dict[str, torch.Tensor]) -> dict
                                     [cots[n].to(outs[n].dtype) for n in names], allow_unused=True)
     return dict(zip(leaves, grads))
 
+
+
+def check_finite(ctx: PropertyContext) -> None:
+    case = ctx.case
+    sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
+    sized = all(forward_checked(float(sys_.kappa[bh]), case.dtype) for bh in _bh_list(sys_))
+    smooth = sized and all(sys_.identifiable(bh) for bh in _bh_list(sys_))
+    ref, cots = reference_forward_backward(ctx)
+    got = run_forward_backward(ctx, cots)
+    dtype = case.dtype
+    problems = [nonfinite_problem(f"out/{n}", got.outputs[n], ref.outputs[n], dtype, Kind.FORWARD_ERROR,
+                                  judge_overflow=sized) for n in ref.outputs]
+    problems += [nonfinite_problem(f"grad/d{n}", got.grads[n], ref.grads[n], dtype, Kind.GRAD, judge_overflow=smooth)
+                 for n in ref.grads]
+    problems = [p for p in problems if p]
+    if problems:
+        why = "" if smooth else (" (overflow of gradients not judged: the system is rank deficient or ill-conditioned"
+                                 + ("" if sized else "; nor of the solution: kappa > 1/sqrt(eps)") + ")")
+        raise Violation("non-finite values where the float64 reference is finite" + why + ":\n  " + "\n  ".join(problems))

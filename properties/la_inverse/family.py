@@ -1,11 +1,11 @@
 """One builder for the three inverse-form families (``la-solve-v``, ``la-solve-k``, ``la-solve-q``; SPEC §2).
 
 Each family shares the cases of :mod:`properties.la_inverse.cases` and the properties of
-:mod:`properties.la_inverse.checks` plus the shared ones that apply (contract, finite,
-inputs-unchanged, no-uninit-reads, deterministic). The shared ``values`` and ``gradients`` properties
-are left out on purpose: elementwise agreement with a reference is meaningless where the system is
-ill-conditioned or singular; ``minimum-norm`` and the inverse ``gradients`` replace them with
-condition-aware versions.
+:mod:`properties.la_inverse.checks` plus the shared ones that apply (contract,
+inputs-unchanged, no-uninit-reads, deterministic). The shared ``values``, ``gradients`` and ``finite``
+properties are left out on purpose: elementwise agreement with a reference is meaningless where the
+system is ill-conditioned or singular; ``minimum-norm`` and the inverse ``gradients`` and ``finite``
+replace them with condition-aware versions.
 
 reference: the float64 dense pseudo-inverse (``reference.la_inverse.la_solve_*_dense_ref``);
 baseline: the same dense pseudo-inverse computed in the kernel's accumulation dtype (float32 for bf16/fp16).
@@ -32,7 +32,7 @@ SIGNATURES = {
     Unknown.Q: "la_solve_q(k, v, o, g, initial_state=None, *, scale=1.0) -> q",
 }
 _DENSE = {Unknown.V: la_solve_v_dense_ref, Unknown.K: la_solve_k_dense_ref, Unknown.Q: la_solve_q_dense_ref}
-_SHARED = ("contract", "finite", "inputs-unchanged", "no-uninit-reads", "deterministic")
+_SHARED = ("contract", "inputs-unchanged", "no-uninit-reads", "deterministic")
 
 
 def _build(unknown: Unknown, spec: SolveCase, dtype: torch.dtype, device: torch.device) -> Case:
@@ -90,12 +90,14 @@ def _properties(unknown: Unknown, name: str) -> tuple[Property, ...]:
           "solutions outside the row space, state carried across calls"),
         p("gradients", "gradients equal the float64 dense pinv's where the system is full rank and well-conditioned",
           checks.check_gradients, "detached outputs, wrong or missing gradients"),
+        p("finite", "finite where the float64 solution fits the dtype; gradients never NaN (nor inf where smooth)",
+          checks.check_finite, "0/0 and 0*inf in singular steps and in discarded branches, overflow"),
         *(shared[n] for n in _SHARED[1:]),
     )
 
 
 def inverse_family(unknown: Unknown, builtin_kernels: tuple[BuiltinKernel, ...]) -> Family:
-    """The :class:`Family` solving for ``unknown``, named ``la-solve-<v|k|q>``, verified in float32 and float64."""
+    """The :class:`Family` solving for ``unknown``, named ``la-solve-<v|k|q>``, verified in float32, bf16, fp16 and float64."""
     name = f"la-solve-{unknown.value}"
     return Family(
         name=name,
@@ -111,7 +113,7 @@ def inverse_family(unknown: Unknown, builtin_kernels: tuple[BuiltinKernel, ...])
         baseline=partial(_baseline, unknown),
         properties=_properties(unknown, name),
         builtin_kernels=builtin_kernels,
-        dtypes=(torch.float32, torch.float64),
+        dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
         diagnostics=partial(_solvability, unknown),
     )
 
