@@ -27,8 +27,8 @@ FAMILIES = ("la-solve-v", "la-solve-k", "la-solve-q")
 CI = profile_named("ci")
 
 
-def _verdict(fam, impl: str, seed: int, only=()):
-    cfg = RunConfig(fam, load_kernel(impl), impl, torch.float32, torch.device("cpu"), CI, seed=seed)
+def _verdict(fam, impl: str, seed: int, only=(), dtype=torch.float32):
+    cfg = RunConfig(fam, load_kernel(impl), impl, dtype, torch.device("cpu"), CI, seed=seed)
     return check(cfg, only=only)
 
 
@@ -152,11 +152,14 @@ def test_solvability_map_shape_and_facts() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("family_name", FAMILIES)
-def test_builtins_hold_under_seeds(family_name: str, seed: int) -> None:
+def test_builtins_hold_under_seeds(family_name: str, dtype: torch.dtype, seed: int) -> None:
     fam = family(family_name)
     for kernel in fam.builtin_kernels:
-        verdict = _verdict(fam, kernel.impl, seed)
+        if kernel.device is not None:  # Triton/CUDA built-ins: tests/test_triton_kernels.py
+            continue
+        verdict = _verdict(fam, kernel.impl, seed, dtype=dtype)
         assert verdict.passed, f"{kernel.impl} seed {seed}:\n{_failures(verdict)}"
 
 

@@ -53,6 +53,8 @@ def _substitute(q, k, o, g, initial_state, scale, bug: str = ""):
         if bug == "singular-step-zeroed":  # a least-squares fix-up that is not minimum-norm
             v_t = torch.where(singular[..., t, None], torch.zeros_like(v_t), v_t)
         S = carried + K[..., t, :, None] * v_t[..., None, :]
+        if bug == "state-in-input-dtype":  # the carried state stored in the input dtype every step
+            S = S.to(q.dtype).to(acc)
         out.append(v_t)
     V = torch.stack(out, dim=2)
     if bug not in ("exact-inverse", "singular-step-zeroed"):
@@ -137,6 +139,12 @@ def v_decay_forgotten(q, k, o, g, initial_state=None, *, scale=1.0):
     return _substitute(q, k, o, g, initial_state, scale, "decay-forgotten")
 
 
+def v_state_in_input_dtype(q, k, o, g, initial_state=None, *, scale=1.0):
+    """fp16 inputs, float32 arithmetic, but the state carried between steps is stored in fp16: the state
+    (a sum over steps of k_t v_t^T) leaves fp16's range (65504) long before the answer does."""
+    return _substitute(q, k, o, g, initial_state, scale, "state-in-input-dtype")
+
+
 def v_initial_state_ignored(q, k, o, g, initial_state=None, *, scale=1.0):
     return _substitute(q, k, o, g, initial_state, scale, "initial-state-ignored")
 
@@ -212,6 +220,8 @@ BUGS: tuple[PlantedBug, ...] = (
     _b("v_wrong_pivot", V, ("backward-error",), "wrong pivot |q_t||k_t| for q_t·k_t"),
     _b("v_exact_inverse", V, ("backward-error", "finite"), "exact inverse where q_t·k_t = 0 needs a pseudo-inverse"),
     _b("v_singular_step_zeroed", V, ("minimum-norm",), "singular step zeroed: a least-squares answer, not minimum-norm"),
+    _b("v_state_in_input_dtype", V, ("backward-error", "finite"),
+       "state carried in fp16 (accumulation in the input dtype) overflows its range", "float16"),
     _b("q_decay_forgotten", Q, ("backward-error",), "state decay forgotten"),
     _b("q_initial_state_ignored", Q, ("backward-error",), "initial state ignored"),
     _b("q_scale_ignored", Q, ("backward-error",), "scale ignored"),
