@@ -40,7 +40,9 @@ class Counterexample:
 class PropertyResult:
     """property_id; status; examples run; worst_ratio: the largest error/allowed seen over all examples
     (None when the property compares no tensors); worst: the checks of the example with that ratio;
-    ratios: each example's largest error ratio, in the order run (for distributions in reports)."""
+    ratios: each example's largest error ratio, in the order run (for distributions in reports);
+    budget_reached: the run's time budget ended the search before the profile's examples were all run
+    (a pass then means "held on the examples run", which the reports say)."""
 
     property_id: str
     title: str
@@ -52,11 +54,18 @@ class PropertyResult:
     counterexample: Counterexample | None = None
     error: str | None = None
     ratios: tuple[float, ...] = ()
+    budget_reached: bool = False
+
+    @property
+    def examples_label(self) -> str:
+        return f"{self.examples} (time budget)" if self.budget_reached else str(self.examples)
 
 
 @dataclass
 class Verdict:
-    """All property results of one kernel x family x dtype x device run."""
+    """All property results of one kernel x family x dtype x device run. ``third_party``: a kernel
+    nobody here wrote, reported as it is (it does not decide the suite's own exit status);
+    ``time_budget_s``: the per-property search budget the run had (None: the profile's examples)."""
 
     kernel: str
     family: str
@@ -66,6 +75,12 @@ class Verdict:
     seed: int
     results: list[PropertyResult] = field(default_factory=list)
     complete: bool = True
+    third_party: bool = False
+    time_budget_s: float | None = None
+
+    @property
+    def time_bounded(self) -> bool:
+        return any(r.budget_reached for r in self.results)
 
     @property
     def passed(self) -> bool:

@@ -43,6 +43,9 @@ class RunConfig:
 
     kernel_name is how a person names the kernel on the command line (``pkg.mod:attr`` or
     ``path.py:attr``): repro commands use it. report_dir, when set, receives failing inputs.
+    time_budget_s, when set, bounds each property's search: once that many seconds have passed (and at
+    least one example ran, and nothing has failed yet) no new example starts; the result says so. For
+    kernels that run slowly here (third-party Triton kernels in the interpreter).
     """
 
     family: Family
@@ -53,6 +56,7 @@ class RunConfig:
     profile: Profile
     seed: int = 0
     report_dir: Path | None = None
+    time_budget_s: float | None = None
 
     def repro(self, prop: Property, spec_json: str) -> str:
         return (
@@ -79,6 +83,13 @@ class _Search:
         self.ratios: list[float] = []
         self.failures: dict[Any, _Failed] = {}
         self.first_failure_at: float | None = None
+        self.started = time.monotonic()
+        self.budget_reached = False
+
+    def _over_time_budget(self) -> bool:
+        budget = self.cfg.time_budget_s
+        return (budget is not None and self.examples >= 1 and self.first_failure_at is None
+                and time.monotonic() - self.started > budget)
 
     def _over_shrink_budget(self) -> bool:
         return self.first_failure_at is not None and (
@@ -90,6 +101,9 @@ class _Search:
             # Settle: replay known failures without re-running, call every new candidate a pass.
             if spec in self.failures:
                 raise self.failures[spec]
+            return
+        if self._over_time_budget():  # no new example: Hypothesis runs out its remaining draws at no cost
+            self.budget_reached = True
             return
         self.examples += 1
         if self.progress:
@@ -165,6 +179,7 @@ def run_property(
             worst=worst,
             counterexample=counterexample,
             ratios=tuple(search.ratios),
+            budget_reached=search.budget_reached,
             **kw,
         )
 
@@ -230,6 +245,7 @@ def check(
         device=str(cfg.device),
         profile=cfg.profile.name,
         seed=cfg.seed,
+        time_budget_s=cfg.time_budget_s,
     )
     for prop in cfg.family.properties:
         if (only and prop.id not in only) or prop.id in skip:

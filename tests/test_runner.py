@@ -276,3 +276,29 @@ def test_reads_of_unwritten_scratch_memory_fail_no_uninit_reads() -> None:
     assert r.status is Status.FAILED
     assert "(the kernel reads memory it never wrote)" in r.counterexample.message
     assert json.loads(r.counterexample.spec_json)["T"] % 16 != 0  # a ragged last chunk
+
+
+# --------------------------------------------------------------------------------- time budget
+
+
+def _slow(q, k, v, g, initial_state=None, *, scale=1.0):
+    import time
+
+    time.sleep(0.05)
+    return la_forward_chunked(q, k, v, g, initial_state, scale=scale)
+
+
+def test_a_time_budget_ends_the_search_and_the_result_says_so() -> None:
+    cfg = dataclasses.replace(_cfg(_slow), time_budget_s=0.2)
+    r = run_property(cfg, FAM.property(_pid("contract")))
+    full = len(FAM.pinned(CI)) + CI.max_examples
+    assert r.status is Status.PASSED and r.budget_reached and 1 <= r.examples < full
+    assert r.examples_label == f"{r.examples} (time budget)"
+    unbounded = run_property(_cfg(la_forward_chunked, CHUNKED), FAM.property(_pid("contract")))
+    assert not unbounded.budget_reached and unbounded.examples_label == str(unbounded.examples)
+
+
+def test_a_failure_found_within_the_budget_is_still_shrunk_and_reported() -> None:
+    cfg = dataclasses.replace(_zoo("scale_ignored"), time_budget_s=0.5)
+    r = run_property(cfg, FAM.property(_pid("values")))
+    assert r.status is Status.FAILED and not r.budget_reached and r.counterexample.repro
