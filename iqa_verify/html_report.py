@@ -115,7 +115,7 @@ def _table_html(header: Sequence[str], rows: Sequence[Sequence[str]], classes: S
         cells = []
         for i, c in enumerate(row):
             cls = classes[i] if i < len(classes) else ""
-            cls = c if cls == "verdict" else cls
+            cls = c.split(" ")[0] if cls == "verdict" else cls  # "PASS (time-bounded)" -> PASS
             cells.append(f'<td class="{_esc(cls)}">{_esc(c)}</td>')
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
@@ -148,9 +148,13 @@ def render_html(verdicts: Sequence[Verdict], meta: Mapping[str, Any],
     if not meta.get("complete", True):
         parts.append("<p><b>This run was interrupted: the report holds what was verified before.</b></p>")
     rows = summary_rows(verdicts)
-    n_fail = sum(1 for r in rows if r[4] != "PASS")
+    n_pass = sum(1 for r in rows if r[4].startswith("PASS"))
+    n_third = sum(1 for v in verdicts if v.third_party)
     parts += [
-        f"<h2 id=summary>Summary: {len(rows) - n_fail} of {len(rows)} kernel × dtype runs pass</h2>",
+        f"<h2 id=summary>Summary: {n_pass} of {len(rows)} kernel × dtype runs pass</h2>",
+        *([f'<p class="note">{n_third} runs are of third-party kernels (adapters), reported as they are: their'
+           " failures are findings about those kernels and do not decide the run's exit status. \"time-bounded\":"
+           " a per-property time budget ended the search early (Triton's interpreter on CPU).</p>"] if n_third else []),
         '<p class="note">Error ratio = worst |kernel − float64 reference| / allowed; ≤ 1 passes (tolerance table'
         " plus a multiple of a same-precision baseline's error; see the README).</p>",
         _table_html(["kernel", "family", "dtype", "device", "verdict", "properties", "worst ratio"], rows,
@@ -182,10 +186,11 @@ def render_html(verdicts: Sequence[Verdict], meta: Mapping[str, Any],
             parts.append(f"<pre>{_esc(r.error)}</pre>")
     parts.append("<h2>Properties per kernel</h2>")
     for v in verdicts:
-        status = "PASS" if v.passed else "FAIL"
-        parts.append(f"<details><summary><code>{_esc(v.kernel)}</code> — {_esc(v.family)}, {_esc(v.dtype)},"
+        status = ("PASS" if v.passed else "FAIL") + (" (time-bounded)" if v.time_bounded else "")
+        who = " (third-party)" if v.third_party else ""
+        parts.append(f"<details><summary><code>{_esc(v.kernel)}</code>{who} — {_esc(v.family)}, {_esc(v.dtype)},"
                      f" {_esc(v.device)}: {status}</summary>")
-        prow = [[r.property_id, r.status.label, str(r.examples), f"{r.seconds:.1f}",
+        prow = [[r.property_id, r.status.label, r.examples_label, f"{r.seconds:.1f}",
                  "" if r.worst_ratio is None else f"{r.worst_ratio:.3g}"] for r in v.results]
         parts.append(_table_html(["property", "status", "examples", "seconds", "worst ratio"], prow,
                                  ["", "", "num", "num", "num"]))

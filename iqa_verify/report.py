@@ -92,7 +92,10 @@ def summary_rows(verdicts: Sequence[Verdict]) -> list[list[str]]:
         ok = sum(r.status is Status.PASSED for r in ran)
         ratios = [r.worst_ratio for r in ran if r.worst_ratio is not None]
         verdict = "PASS" if v.passed else ("INCOMPLETE" if not v.complete else "FAIL")
-        rows.append([v.kernel, v.family, v.dtype, v.device, verdict, f"{ok}/{len(ran)}",
+        if v.time_bounded:
+            verdict += " (time-bounded)"
+        kernel = f"{v.kernel} (third-party)" if v.third_party else v.kernel
+        rows.append([kernel, v.family, v.dtype, v.device, verdict, f"{ok}/{len(ran)}",
                      f"{max(ratios):.3g}" if ratios else ""])
     return rows
 
@@ -127,6 +130,10 @@ def render_markdown(verdicts: Sequence[Verdict], meta: dict[str, Any],
     lines.append(f"Profile `{meta.get('profile')}`, seed {meta.get('seed')}, torch {meta['environment']['torch']}, "
                  f"created {meta.get('created')}." + ("" if meta.get("complete", True) else " **Interrupted: incomplete.**"))
     lines += ["", "Error ratio = worst |kernel − float64 reference| / allowed (≤ 1 passes); see README, tolerance policy.", ""]
+    if any(v.third_party for v in verdicts):
+        lines += ["Third-party kernels (adapters) are reported as they are: their failures are findings about"
+                  " those kernels and do not decide this run's exit status. \"time-bounded\": a per-property time"
+                  " budget ended the search early (Triton's interpreter on CPU); the examples column says how many ran.", ""]
     lines += _table(["kernel", "family", "dtype", "device", "verdict", "properties", "worst ratio"], summary_rows(verdicts))
     for fam, diag in (diagnostics or {}).items():
         tables = [d for d in diag if isinstance(d, Table)] if not isinstance(diag, str) else []
@@ -156,7 +163,7 @@ def render_markdown(verdicts: Sequence[Verdict], meta: dict[str, Any],
     for v in verdicts:
         lines += [f"### `{v.kernel}` — {v.family}, {v.dtype}, {v.device}", ""]
         lines += _table(["property", "status", "examples", "seconds", "worst ratio"],
-                        [[r.property_id, r.status.label, str(r.examples), f"{r.seconds:.1f}", _ratio(r)] for r in v.results])
+                        [[r.property_id, r.status.label, r.examples_label, f"{r.seconds:.1f}", _ratio(r)] for r in v.results])
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -145,3 +146,17 @@ def test_a_failure_while_writing_leaves_the_old_report_and_no_temporary_file(tmp
     with pytest.raises(type(failure)):
         write_report(tmp_path, [_verdict(complete=False)], profile="ci", seed=2)
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == old  # no temporary file left either
+
+
+def test_third_party_and_time_bounded_runs_are_marked_in_every_format(tmp_path) -> None:
+    v = _verdict()
+    v.third_party, v.time_budget_s = True, 4.0
+    v.results[0] = dataclasses.replace(v.results[0], budget_reached=True)
+    paths = write_report(tmp_path, [v], profile="ci", seed=3)
+    md = paths["md"].read_text()
+    assert f"| {KERNEL} (third-party) | la-forward | float32 | cpu | FAIL (time-bounded) |" in md
+    assert "| la-forward/values | passed | 36 (time budget) |" in md and "reported as they are" in md
+    doc = _strict_json(paths["json"].read_text())
+    assert doc["verdicts"][0]["third_party"] is True and doc["verdicts"][0]["results"][0]["budget_reached"] is True
+    page = paths["html"].read_text()
+    assert "(third-party)" in page and "36 (time budget)" in page and 'class="FAIL"' in page
