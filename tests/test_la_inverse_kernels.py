@@ -16,6 +16,8 @@ from iqa_verify.kernels.la_solve_k import (
     la_solve_k_recursion,
     la_solve_k_with_stats,
 )
+from iqa_verify.kernels.la_solve_k import STOP_TOL_ULPS
+from iqa_verify.kernels.la_solve_k_lsqr import LinearAttentionKeyMap
 from iqa_verify.kernels.la_solve_q import la_solve_q
 from iqa_verify.kernels.la_solve_v import SingularPolicy, la_solve_v, la_solve_v_sequential
 from iqa_verify.tolerances import Kind, tolerance
@@ -179,10 +181,8 @@ def test_la_solve_q_gradients_match_dense():
 
 def test_la_solve_k_adjoint_is_vjp():
     """A^T r of the solver's operator equals the autograd VJP of the forward in k."""
-    from iqa_verify.kernels.la_solve_k import _Operator
-
     c = _case(T=10, D=3, E=2)
-    op = _Operator(c["q"], c["v"], c["g"], c["scale"], 4)
+    op = LinearAttentionKeyMap(c["q"], c["v"], c["g"], c["scale"], 4)
     r = torch.randn(c["o"].shape, generator=torch.Generator().manual_seed(2), dtype=F64)
     k = c["k"].clone().requires_grad_()
     (vjp,) = torch.autograd.grad(la_forward_chunked(c["q"], k, c["v"], c["g"], None, scale=c["scale"])[0], k, r)
@@ -216,6 +216,16 @@ def test_la_solve_k_matches_dense(method, dtype, shape, noise):
     assert out.dtype == dtype
     assert stats.outcome is LsqrOutcome.CONVERGED, stats
     assert stats.iterations.shape == (2, 2) and bool((stats.iterations >= 1).all())
+    if method is Type2Method.LSQR and dtype == F32:
+        # float32 LSQR stops at a residual of STOP_TOL_ULPS eps, so its forward error is kappa times that,
+        # not an elementwise value tolerance: the family's condition-aware properties judge it
+        # (tests/test_builtin_kernels.py); here it must agree to kappa * 8 eps * |k|.
+        A = la_linear_map(Unknown.K, *_args(c, Unknown.K, F64), scale=c["scale"]).matrix
+        sv = torch.linalg.svdvals(A)
+        kappa = float((sv[..., 0] / sv.masked_fill(sv <= 1e-12 * sv[..., :1], float("inf")).min(-1).values).max())
+        err = float((out.double() - ref).abs().max() / ref.abs().max())
+        assert err <= kappa * STOP_TOL_ULPS * torch.finfo(F32).eps, (err, kappa)
+        return
     _check("k", out, ref, dtype, base)
 
 
@@ -253,6 +263,9 @@ def test_la_solve_k_reports_max_iter():
     assert bool((stats.iterations == 2).all())
     assert bool((stats.normal_residual > 1e-3).any())  # far from the solution after two steps
     assert "raise max_iter" in stats.outcome.value
+    with pytest.raises(IqaVerifyError, match=r"method=LSQR: no convergence in 2 iterations .*raise settings.max_iter"):
+        la_solve_k(*_args(c, Unknown.K, F64), scale=c["scale"], settings=LsqrSettings(max_iter=2),
+                   method=Type2Method.LSQR)
 
 
 def test_la_solve_k_gradients_finite_and_close_to_dense():
@@ -263,6 +276,29 @@ def test_la_solve_k_gradients_finite_and_close_to_dense():
     ref = torch.autograd.grad(la_solve_k_dense_ref(*leaves, scale=c["scale"]), leaves, cot)
     for name, a, r in zip(("dq", "dv", "do", "dg", "dS0"), grads, ref):
         check = compare(f"grad/{name}", a, r, tolerance(Kind.GRAD, F32), dtype=F64)
+        assert check.passed, check.describe()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (1, 4, 2, 2, 5), (2, 6, 1, 3, 2), (1, 5, 1, 1, 3)], ids=str)
+def test_la_solve_k_lsqr_implicit_gradients_equal_the_pseudo_inverse_derivative(shape):
+    """The matrix-free method's backward (Golub-Pereyra, four LSQR solves) against autograd through the
+    dense float64 pinv, rank-deficient maps (D > 1, short T) and least-squares O included; it once
+    differentiated through the LSQR iterations (NaN at T = D = E = 1, detached on singular heads)."""
+    B, T, H, D, E = shape
+    gen = torch.Generator().manual_seed(7)
+    q, v = torch.randn(B, T, H, D, generator=gen, dtype=F64), torch.randn(B, T, H, E, generator=gen, dtype=F64)
+    g = -0.1 * torch.rand(B, T, H, generator=gen, dtype=F64)
+    s0 = torch.randn(B, H, D, E, generator=gen, dtype=F64)
+    k0 = torch.randn(B, T, H, D, generator=gen, dtype=F64)
+    o = la_forward_ref(q, k0, v, g, s0, scale=0.7)[0] + 0.1 * torch.randn(B, T, H, E, generator=gen, dtype=F64)
+    cot = torch.randn(B, T, H, D, generator=gen, dtype=F64)
+    leaves = [x.clone().requires_grad_() for x in (q, v, o, g, s0)]
+    k = la_solve_k(*leaves, scale=0.7, method=Type2Method.LSQR)
+    grads = torch.autograd.grad(k, leaves, cot)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, v, o, g, s0)]
+    ref = torch.autograd.grad(la_solve_k_dense_ref(*ref_leaves, scale=0.7), ref_leaves, cot)
+    for name, a, r in zip(("dq", "dv", "do", "dg", "dS0"), grads, ref):
+        check = compare(f"grad/{name}", a, r, tolerance(Kind.GRAD, F64), dtype=F64)
         assert check.passed, check.describe()
 
 

@@ -31,17 +31,11 @@ solution after 6000 iterations (6x the rank) at T = 64. So the default is a dire
    ``‖A^T r‖ / (‖A‖ ‖r‖)`` test cannot be met when r is at rounding level), at most ``max_iter`` steps.
 
 Cost O((T D)^3) like the reference, but an LU/QR of the compressed matrix instead of a full SVD and
-pseudo-inverse. :attr:`Type2Method.LSQR` keeps the matrix-free solver (for experiments):
-
-* ``A x  = la_forward_chunked(q, x, v, g, None)[0]`` (the forward is linear in k when S_0 = 0);
-* ``A^T r`` is the vector-Jacobian product of the forward in k,
-  ``(A^T r)_j = scale * sum_{t >= j} M_tj (r_t · v_j) q_t``: the same forward run backwards in time,
-  ``flip(la_forward_chunked(flip(v), flip(r), flip(q), g', None)[0])`` with ``g'_0 = 0`` and
-  ``g'_u = g_{T-u}`` (0-based), which shifts the decays by one step.
-
-LSQR from x_0 = 0 stays in range(A^T), so its limit is the minimum-norm solution. It stops per (batch,
-head) when ``‖r‖ <= btol ‖b‖ + atol ‖A‖ ‖x‖`` or ``‖A^T r‖ / (‖A‖ ‖r‖) <= atol`` (‖A‖ its running
-Frobenius estimate), in float32 for bf16/fp16 inputs.
+pseudo-inverse. :attr:`Type2Method.LSQR` is the matrix-free solver of
+:mod:`iqa_verify.kernels.la_solve_k_lsqr` (LSQR on the forward kernel and its adjoint, stopping on the
+normal-equation residual, implicit pseudo-inverse backward): O(T^2 (D + E)) per step and no T D x T D
+matrix, for systems too large for the direct method and conditioned well enough for LSQR; in float32
+for bf16/fp16 inputs.
 
 The design notes' step-wise recursion is :func:`la_solve_k_recursion`: exact for E = 1 only.
 """
@@ -57,6 +51,7 @@ import torch
 from iqa_verify.contracts import state_dtype_for
 from iqa_verify.errors import IqaVerifyError, check_at_least
 from iqa_verify.kernels.la_forward_chunked import la_forward_chunked
+from iqa_verify.kernels.la_solve_k_lsqr import LsqrOutcome, LsqrStats, divide_or_zero, lsqr_solve_k
 from iqa_verify.kernels.la_solve_v import DEFAULT_CHUNK_SIZE, check_chunk_size, check_la_solve_inputs, segment_log_decay
 
 __all__ = [
@@ -70,16 +65,20 @@ __all__ = [
     "Type2Method",
     "STOP_TOL_ULPS",
     "la_solve_k",
+    "la_solve_k_lsqr",
     "la_solve_k_recursion",
     "la_solve_k_with_stats",
 ]
 
-STOP_TOL_ULPS = 2
-"""Solver setting: the default ``atol`` and ``btol`` of LSQR are ``STOP_TOL_ULPS * eps`` of the accumulation dtype."""
+STOP_TOL_ULPS = 8
+"""Solver setting: the default ``atol`` and ``btol`` of LSQR are ``STOP_TOL_ULPS * eps`` of the accumulation dtype
+(each application of A rounds at ~T eps, so 2 eps stalled float32 LSQR at a 4e-3 normal residual; the
+backward-error property allows 1024 eps)."""
 
-MAX_ITER_PER_UNKNOWN = 4
-"""Solver setting: the default iteration cap is ``MAX_ITER_PER_UNKNOWN * min(T E, T D)`` (LSQR needs at most
-rank(A) steps in exact arithmetic; in float32 lost orthogonality delays it to about twice that)."""
+MAX_ITER_PER_UNKNOWN = 16
+"""Solver setting: the default iteration cap is ``MAX_ITER_PER_UNKNOWN * min(T E, T D)``. LSQR needs at most
+rank(A) steps in exact arithmetic; lost orthogonality delays it: 6-8x the rank measured in float64 at
+T = 67, D = E = 1 (kappa 2e4), where a cap of 4x stopped short of the float64 tolerance."""
 
 
 RANK_CUT_ULPS = 64
@@ -100,13 +99,6 @@ class Type2Method(enum.Enum):
     LSQR = "lsqr: matrix-free LSQR with the forward kernel (slow: the system is very ill-conditioned)"
 
 
-class LsqrOutcome(enum.Enum):
-    """How an LSQR solve ended (for the whole batch)."""
-
-    CONVERGED = "converged: the stopping rule held for every (batch, head)"
-    MAX_ITER = "maximum iterations reached before the stopping rule held for every (batch, head): raise max_iter or loosen atol/btol"
-
-
 @dataclass(frozen=True)
 class LsqrSettings:
     """LSQR stopping tolerances and iteration cap; ``None`` takes the module defaults for the dtype."""
@@ -114,100 +106,6 @@ class LsqrSettings:
     atol: float | None = None
     btol: float | None = None
     max_iter: int | None = None
-
-
-@dataclass(frozen=True)
-class LsqrStats:
-    """Solver statistics, per batch and head (all [B, H]).
-
-    iterations: LSQR steps taken, or for DIRECT the solves with the factors (1 + refinement steps) (int64);
-    residual: ‖r‖ / ‖b‖ with r = b - A x, b = vec(O) - c (0 where b = 0);
-    normal_residual: ‖A^T r‖ / (‖A‖ ‖r‖) (0 where r = 0); ‖A‖ is LSQR's running Frobenius estimate,
-        for DIRECT the exact Frobenius norm and r the true residual;
-    outcome: :class:`LsqrOutcome` for the whole call.
-    """
-
-    iterations: torch.Tensor
-    residual: torch.Tensor
-    normal_residual: torch.Tensor
-    outcome: LsqrOutcome
-
-
-def _norm(x: torch.Tensor) -> torch.Tensor:
-    """Per-(batch, head) 2-norm of [B, T, H, n] -> [B, H]."""
-    return x.square().sum((1, 3)).sqrt()
-
-
-def _bh(s: torch.Tensor) -> torch.Tensor:
-    """[B, H] -> [B, 1, H, 1] to scale [B, T, H, n] per batch and head."""
-    return s[:, None, :, None]
-
-
-def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a / b with 0 where b == 0 (a finished or empty problem)."""
-    return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
-
-
-class _Operator:
-    """A x = forward in k (S_0 = 0) and its adjoint by time reversal, all in the accumulation dtype."""
-
-    def __init__(self, q, v, g, scale, chunk_size):
-        self.q, self.v, self.g, self.scale, self.chunk_size = q, v, g, scale, chunk_size
-        flipped = g.flip(1)
-        self.g_rev = torch.cat([torch.zeros_like(flipped[:, :1]), flipped[:, :-1]], dim=1)
-        self.q_rev, self.v_rev = q.flip(1), v.flip(1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return la_forward_chunked(self.q, x, self.v, self.g, None, scale=self.scale, chunk_size=self.chunk_size)[0]
-
-    def adjoint(self, r: torch.Tensor) -> torch.Tensor:
-        out = la_forward_chunked(self.v_rev, r.flip(1), self.q_rev, self.g_rev, None, scale=self.scale, chunk_size=self.chunk_size)[0]
-        return out.flip(1)
-
-
-def _lsqr(op: _Operator, b: torch.Tensor, n: int, atol: float, btol: float, max_iter: int):
-    """Batched LSQR for min ‖A x - b‖, b [B, T, H, E] -> x [B, T, H, n] and per-(batch, head) statistics."""
-    B, T, H, _ = b.shape
-    bnorm = _norm(b)
-    beta = bnorm
-    u = b * _bh(_div(torch.ones_like(beta), beta))
-    v = op.adjoint(u)
-    alpha = _norm(v)
-    v = v * _bh(_div(torch.ones_like(alpha), alpha))
-    w = v
-    x = torch.zeros(B, T, H, n, dtype=b.dtype, device=b.device)
-    phibar, rhobar = beta, alpha
-    anorm = torch.zeros_like(beta)
-    arnorm = alpha * beta
-    active = (beta > 0) & (alpha > 0)
-    iterations = torch.zeros(B, H, dtype=torch.int64, device=b.device)
-    for _ in range(max_iter):
-        if not bool(active.any()):
-            break
-        u = op(v) - _bh(alpha) * u
-        beta = _norm(u)
-        u = u * _bh(_div(torch.ones_like(beta), beta))
-        anorm = torch.where(active, torch.sqrt(anorm.square() + alpha.square() + beta.square()), anorm)
-        v_next = op.adjoint(u) - _bh(beta) * v
-        alpha = _norm(v_next)
-        v = v_next * _bh(_div(torch.ones_like(alpha), alpha))
-        rho = torch.sqrt(rhobar.square() + beta.square())
-        c, s = _div(rhobar, rho), _div(beta, rho)
-        theta, rhobar = s * alpha, -c * alpha
-        phi, phibar_next = c * phibar, s * phibar
-        keep = _bh(active)
-        x = torch.where(keep, x + _bh(_div(phi, rho)) * w, x)
-        w = v - _bh(_div(theta, rho)) * w
-        phibar = torch.where(active, phibar_next, phibar)
-        arnorm = torch.where(active, alpha * c.abs() * phibar_next, arnorm)
-        iterations = iterations + active.long()
-        consistent = phibar <= btol * bnorm + atol * anorm * _norm(x)
-        normal = arnorm <= atol * anorm * phibar
-        active = active & ~(consistent | normal)
-    residual = _div(phibar, bnorm).detach()
-    normal_residual = _div(arnorm, anorm * phibar).detach()
-    outcome = LsqrOutcome.MAX_ITER if bool(active.any()) else LsqrOutcome.CONVERGED
-    return x, LsqrStats(iterations, residual, normal_residual, outcome)
 
 
 # ---------------------------------------------------------------- direct solve (the default method)
@@ -412,7 +310,7 @@ def _direct(Q, V, G, b, scale, atol, max_steps):
     rn = r.detach().norm(dim=-1)
     bnorm = bb.detach().norm(dim=-1)
     per_head = lambda t: t.reshape(B, H)  # noqa: E731
-    stats = LsqrStats(per_head(steps), per_head(_div(rn, bnorm)), per_head(_div(arn, anorm * rn)),
+    stats = LsqrStats(per_head(steps), per_head(divide_or_zero(rn, bnorm)), per_head(divide_or_zero(arn, anorm * rn)),
                       LsqrOutcome.CONVERGED if bool(done.all()) else LsqrOutcome.MAX_ITER)
     return x.reshape(B, H, T, D), stats
 
@@ -456,8 +354,7 @@ def la_solve_k_with_stats(
         heads = lambda x: x.transpose(1, 2)  # noqa: E731
         k, stats = _direct(heads(Q), heads(V), G.transpose(1, 2), heads(b), scale, atol, steps)
         return k.transpose(1, 2).to(q.dtype), stats
-    op = _Operator(Q, V, G, scale, chunk_size)
-    k, stats = _lsqr(op, b, D, atol, btol, max_iter)
+    k, stats = lsqr_solve_k(Q, V, G, b, scale=scale, chunk_size=chunk_size, atol=atol, btol=btol, max_iter=max_iter)
     return k.to(q.dtype), stats
 
 
@@ -488,12 +385,40 @@ def la_solve_k(
         k: [B, T, H, D] in the input dtype. DIRECT solves in float64 whatever the input dtype (the
         system's condition number grows quickly with T, so a float32 solve loses all digits); LSQR
         accumulates in float32 for bf16/fp16. Statistics come from :func:`la_solve_k_with_stats`.
+        LSQR that reaches ``max_iter`` raises :class:`~iqa_verify.errors.IqaVerifyError` here (an
+        unconverged iterate is not the minimum-norm solution); the default cap is
+        :data:`MAX_ITER_PER_UNKNOWN` times the number of unknowns.
         Differentiable by autograd (DIRECT: through the factorisation, the exact derivative of the
         minimum-norm solution where the rank is locally constant); inputs are never modified.
     """
-    return la_solve_k_with_stats(
+    k, stats = la_solve_k_with_stats(
         q, v, o, g, initial_state, scale=scale, chunk_size=chunk_size, settings=settings, method=method
-    )[0]
+    )
+    if method is Type2Method.LSQR and stats.outcome is LsqrOutcome.MAX_ITER:
+        # an unconverged iterate is not the contract's answer: say so instead of returning it
+        b, h = (int(i) for i in (stats.normal_residual == stats.normal_residual.max()).nonzero()[0])
+        raise IqaVerifyError(
+            f"method=LSQR: no convergence in {int(stats.iterations.max())} iterations (batch {b}, head {h}: normal"
+            f" residual ‖A^T r‖/(‖A‖‖r‖) = {float(stats.normal_residual[b, h]):.3g}); raise settings.max_iter or use"
+            " Type2Method.DIRECT (la_solve_k_with_stats returns the iterate with its statistics)")
+    return k
+
+
+def la_solve_k_lsqr(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    g: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    settings: LsqrSettings = LsqrSettings(),
+) -> torch.Tensor:
+    """:func:`la_solve_k` with ``method=Type2Method.LSQR``: the matrix-free solver (forward kernel and its
+    adjoint, implicit backward; :mod:`iqa_verify.kernels.la_solve_k_lsqr`), a built-in kernel of its own."""
+    return la_solve_k(q, v, o, g, initial_state, scale=scale, chunk_size=chunk_size, settings=settings,
+                      method=Type2Method.LSQR)
 
 
 def la_solve_k_recursion(

@@ -1,6 +1,7 @@
 """The ``la-solve-k`` family (Type2: K from Q, V, O; SPEC §2).
 
-Built-in kernel: the matrix-free LSQR solver :func:`iqa_verify.kernels.la_solve_k.la_solve_k`.
+Built-in kernels: :func:`iqa_verify.kernels.la_solve_k.la_solve_k` (direct, the default) and
+:func:`~iqa_verify.kernels.la_solve_k.la_solve_k_lsqr` (matrix-free LSQR, implicit backward).
 
 The design notes' step-wise recursion :func:`~iqa_verify.kernels.la_solve_k.la_solve_k_recursion` is
 deliberately *not* a built-in: it is exact (reproduces O) only for E = 1 and fails ``o-roundtrip``
@@ -33,8 +34,10 @@ RECURSION_IMPL = "iqa_verify.kernels.la_solve_k:la_solve_k_recursion"
 
 FAMILY = inverse_family(Unknown.K, (
     BuiltinKernel("iqa_verify.kernels.la_solve_k:la_solve_k",
-                  "matrix-free LSQR on the forward kernel and its adjoint (the notes' recursion is exact for E = 1"
-                  " only: see properties.la_inverse.solve_k)"),
+                  "direct float64 solve of the compressed system, one LU/QR per head (the notes' recursion is exact"
+                  " for E = 1 only: see properties.la_inverse.solve_k)"),
+    BuiltinKernel("iqa_verify.kernels.la_solve_k:la_solve_k_lsqr",
+                  "matrix-free LSQR on the forward kernel and its adjoint, implicit pseudo-inverse backward"),
 ))
 
 
