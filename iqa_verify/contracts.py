@@ -1,17 +1,19 @@
 """The kernel contracts (public API, ../shared/SPEC.md): argument checks shared by every kernel.
 
-A kernel of a family may call the matching ``check_*_inputs`` first; it raises
+A kernel of a family may call the matching ``check_*_inputs`` first (la_forward, the inverse forms, iqa); it raises
 :class:`~iqa_verify.errors.IqaVerifyError` naming the bad argument and the rule, and returns the
 sizes. Layout is ``(batch, time, heads, dim)`` as in flash-linear-attention.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from iqa_verify.errors import (
+    IqaVerifyError,
     check_at_least,
     check_dtype,
     check_floating,
@@ -20,7 +22,22 @@ from iqa_verify.errors import (
     check_shape,
 )
 
-__all__ = ["LASizes", "check_la_forward_inputs", "state_dtype_for"]
+__all__ = [
+    "IQASizes",
+    "LASizes",
+    "check_iqa_forward_inputs",
+    "check_la_forward_inputs",
+    "check_la_solve_inputs",
+    "state_dtype_for",
+]
+
+
+class IQASizes(NamedTuple):
+    B: int
+    N: int
+    Din: int
+    Dk: int
+    E: int
 
 
 class LASizes(NamedTuple):
@@ -67,3 +84,73 @@ def check_la_forward_inputs(
         check_dtype(name, t, q.dtype)
         check_same_device(name, t, q.device)
     return LASizes(B, T, H, D, E)
+
+
+_LAYOUT = {"q": "D", "k": "D", "v": "E", "o": "E"}
+
+
+def check_la_solve_inputs(named: dict[str, torch.Tensor], g: torch.Tensor, initial_state: torch.Tensor | None) -> LASizes:
+    """Validate the inputs of an inverse kernel; returns (B, T, H, D, E).
+
+    named: the three [B, T, H, *] inputs in contract order, keyed by their names (``q``, ``k``: last
+    dim D; ``v``, ``o``: last dim E); g: [B, T, H]; initial_state: [B, H, D, E] or None. One floating
+    dtype and one device; T, D, E >= 1.
+    """
+    first_name, first = next(iter(named.items()))
+    check_ndim(first_name, first, 4, f"[B, T, H, {_LAYOUT[first_name]}]")
+    check_floating(first_name, first)
+    B, T, H, _ = first.shape
+    check_at_least("T", T, 1, "sequence length")
+    dims: dict[str, int] = {}
+    for name, t in named.items():
+        layout = f"[B, T, H, {_LAYOUT[name]}]"
+        check_ndim(name, t, 4, layout)
+        dims.setdefault(_LAYOUT[name], t.shape[-1])
+        check_shape(name, t, (B, T, H, dims[_LAYOUT[name]]), layout)
+    D, E = dims["D"], dims["E"]
+    check_at_least("D", D, 1, "key dimension")
+    check_at_least("E", E, 1, "value dimension")
+    check_shape("g", g, (B, T, H), "[B, T, H]")
+    others = dict(named, g=g)
+    if initial_state is not None:
+        check_shape("initial_state", initial_state, (B, H, D, E), "[B, H, D, E]")
+        others["initial_state"] = initial_state
+    for name, t in others.items():
+        check_dtype(name, t, first.dtype)
+        check_same_device(name, t, first.device)
+    return LASizes(B, T, H, D, E)
+
+
+def check_iqa_forward_inputs(
+    x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor | None, scale: float | None = None
+) -> IQASizes:
+    """Validate ``iqa_forward(x, w_q, w_k, w_v, scale=scale)`` arguments and return the sizes.
+
+    x: [B, N, Din]; w_k: [Din, Dk]; w_q: [E, Dk]; w_v: [Din, E] or None (E = Din); all on one device
+    in one floating dtype; B, N, Din, Dk, E >= 1; scale finite when given.
+    """
+    check_ndim("x", x, 3, "[B, N, Din]")
+    check_floating("x", x)
+    B, N, Din = x.shape
+    check_at_least("B", B, 1, "batch size")
+    check_at_least("N", N, 1, "number of tokens")
+    check_at_least("Din", Din, 1, "input dimension")
+    check_ndim("w_k", w_k, 2, "[Din, Dk]")
+    Dk = w_k.shape[1]
+    check_at_least("Dk", Dk, 1, "key dimension")
+    check_shape("w_k", w_k, (Din, Dk), "[Din, Dk]")
+    if w_v is not None:
+        check_ndim("w_v", w_v, 2, "[Din, E]")
+        E = w_v.shape[1]
+        check_at_least("E", E, 1, "value dimension")
+        check_shape("w_v", w_v, (Din, E), "[Din, E]")
+    else:
+        E = Din
+    check_shape("w_q", w_q, (E, Dk), "[E, Dk] (E = Din when w_v is None)")
+    tensors = {"w_q": w_q, "w_k": w_k} | ({"w_v": w_v} if w_v is not None else {})
+    for name, t in tensors.items():
+        check_dtype(name, t, x.dtype)
+        check_same_device(name, t, x.device)
+    if scale is not None and not math.isfinite(scale):
+        raise IqaVerifyError(f"scale={scale}: must be finite")
+    return IQASizes(B, N, Din, Dk, E)

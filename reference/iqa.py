@@ -33,7 +33,8 @@ from typing import NamedTuple
 import torch
 
 from iqa_verify.errors import check_shape
-from iqa_verify.iqa.kernel import check_iqa_forward_inputs, iqa_default_scale
+from iqa_verify.contracts import check_iqa_forward_inputs
+from iqa_verify.iqa.kernel import iqa_default_scale
 from iqa_verify.iqa.solvers import ConvergenceError, Outcome, Solution
 
 __all__ = [

@@ -35,7 +35,8 @@ import torch
 
 from iqa_verify.contracts import state_dtype_for
 from iqa_verify.iqa.backward import BackwardMode, OneStep, Truncated
-from iqa_verify.iqa.kernel import check_iqa_forward_inputs, iqa_default_scale, iqa_map
+from iqa_verify.contracts import check_iqa_forward_inputs
+from iqa_verify.iqa.kernel import iqa_default_scale, iqa_map
 from properties.iqa.kernels import IqaKernelInfo
 
 __all__ = ["make_torchdeq_iqa", "declared_backward", "torchdeq_default", "torchdeq_anderson_ift"]

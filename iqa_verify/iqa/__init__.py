@@ -3,13 +3,13 @@
 Float64 references live in :mod:`reference.iqa`, sympy facts in :mod:`reference.iqa_sympy`.
 """
 
+from iqa_verify.contracts import check_iqa_forward_inputs
 from iqa_verify.iqa.backward import BackwardMode, BackwardStats, Implicit, OneStep, Truncated, Unrolled
 from iqa_verify.iqa.kernel import (
     DEFAULT_BACKWARD,
     DEFAULT_SOLVER,
     ImplicitQueryAttention,
     IqaStats,
-    check_iqa_forward_inputs,
     iqa_default_scale,
     iqa_forward,
     iqa_forward_anderson_implicit,

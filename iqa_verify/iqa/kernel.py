@@ -21,34 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 
-import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from iqa_verify.contracts import state_dtype_for
-from iqa_verify.errors import (
-    IqaVerifyError,
-    check_at_least,
-    check_dtype,
-    check_floating,
-    check_ndim,
-    check_same_device,
-    check_shape,
-)
+from iqa_verify.contracts import check_iqa_forward_inputs, state_dtype_for
+from iqa_verify.errors import IqaVerifyError, check_at_least
 from iqa_verify.iqa.backward import BackwardMode, BackwardStats, Implicit, Unrolled
 from iqa_verify.iqa.solvers import Anderson, Broyden, FixedPointIteration, Solution, Solver
 
 __all__ = [
     "DEFAULT_BACKWARD",
     "DEFAULT_SOLVER",
-    "IQASizes",
     "LOW_PRECISION_TOL",
     "ImplicitQueryAttention",
     "IqaStats",
-    "check_iqa_forward_inputs",
     "iqa_default_scale",
     "iqa_forward",
     "iqa_forward_anderson_implicit",
@@ -63,14 +51,6 @@ DEFAULT_SOLVER: Solver = Anderson()
 DEFAULT_BACKWARD: BackwardMode = Implicit(Anderson())
 
 
-class IQASizes(NamedTuple):
-    B: int
-    N: int
-    Din: int
-    Dk: int
-    E: int
-
-
 @dataclass
 class IqaStats:
     """Statistics of one call: the forward :class:`Solution` and, filled during ``backward()``, the
@@ -78,41 +58,6 @@ class IqaStats:
 
     forward: Solution
     backward: BackwardStats
-
-
-def check_iqa_forward_inputs(
-    x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor | None, scale: float | None = None
-) -> IQASizes:
-    """Validate ``iqa_forward(x, w_q, w_k, w_v, scale=scale)`` arguments and return the sizes.
-
-    x: [B, N, Din]; w_k: [Din, Dk]; w_q: [E, Dk]; w_v: [Din, E] or None (E = Din); all on one device
-    in one floating dtype; B, N, Din, Dk, E >= 1; scale finite when given.
-    """
-    check_ndim("x", x, 3, "[B, N, Din]")
-    check_floating("x", x)
-    B, N, Din = x.shape
-    check_at_least("B", B, 1, "batch size")
-    check_at_least("N", N, 1, "number of tokens")
-    check_at_least("Din", Din, 1, "input dimension")
-    check_ndim("w_k", w_k, 2, "[Din, Dk]")
-    Dk = w_k.shape[1]
-    check_at_least("Dk", Dk, 1, "key dimension")
-    check_shape("w_k", w_k, (Din, Dk), "[Din, Dk]")
-    if w_v is not None:
-        check_ndim("w_v", w_v, 2, "[Din, E]")
-        E = w_v.shape[1]
-        check_at_least("E", E, 1, "value dimension")
-        check_shape("w_v", w_v, (Din, E), "[Din, E]")
-    else:
-        E = Din
-    check_shape("w_q", w_q, (E, Dk), "[E, Dk] (E = Din when w_v is None)")
-    tensors = {"w_q": w_q, "w_k": w_k} | ({"w_v": w_v} if w_v is not None else {})
-    for name, t in tensors.items():
-        check_dtype(name, t, x.dtype)
-        check_same_device(name, t, x.device)
-    if scale is not None and not math.isfinite(scale):
-        raise IqaVerifyError(f"scale={scale}: must be finite")
-    return IQASizes(B, N, Din, Dk, E)
 
 
 def iqa_default_scale(dk: int) -> float:

@@ -48,11 +48,11 @@ from dataclasses import dataclass
 
 import torch
 
-from iqa_verify.contracts import state_dtype_for
+from iqa_verify.contracts import check_la_solve_inputs, state_dtype_for
 from iqa_verify.errors import IqaVerifyError, check_at_least
 from iqa_verify.kernels.la_forward_chunked import la_forward_chunked
 from iqa_verify.kernels.la_solve_k_lsqr import LsqrOutcome, LsqrStats, divide_or_zero, lsqr_solve_k
-from iqa_verify.kernels.la_solve_v import DEFAULT_CHUNK_SIZE, check_chunk_size, check_la_solve_inputs, segment_log_decay
+from iqa_verify.kernels.la_solve_v import DEFAULT_CHUNK_SIZE, check_chunk_size, segment_log_decay
 
 __all__ = [
     "LsqrOutcome",

@@ -17,14 +17,8 @@ import math
 
 import torch
 
-from iqa_verify.contracts import state_dtype_for
-from iqa_verify.kernels.la_solve_v import (
-    DEFAULT_CHUNK_SIZE,
-    check_chunk_size,
-    check_la_solve_inputs,
-    segment_log_decay,
-    to_chunks,
-)
+from iqa_verify.contracts import check_la_solve_inputs, state_dtype_for
+from iqa_verify.kernels.la_solve_v import DEFAULT_CHUNK_SIZE, check_chunk_size, segment_log_decay, to_chunks
 
 __all__ = ["RANK_RTOL_ULPS", "la_solve_q", "la_states"]
 

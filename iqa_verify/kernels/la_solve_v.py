@@ -26,22 +26,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from iqa_verify.contracts import LASizes, state_dtype_for
-from iqa_verify.errors import (
-    IqaVerifyError,
-    check_at_least,
-    check_dtype,
-    check_floating,
-    check_ndim,
-    check_same_device,
-    check_shape,
-)
+from iqa_verify.contracts import check_la_solve_inputs, state_dtype_for
+from iqa_verify.errors import IqaVerifyError, check_at_least
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "SingularPolicy",
     "check_chunk_size",
-    "check_la_solve_inputs",
     "la_solve_v",
     "la_solve_v_sequential",
     "segment_log_decay",
@@ -50,7 +41,6 @@ __all__ = [
 
 DEFAULT_CHUNK_SIZE = 64
 
-_LAYOUT = {"q": "D", "k": "D", "v": "E", "o": "E"}
 
 
 class SingularPolicy(enum.Enum):
@@ -58,38 +48,6 @@ class SingularPolicy(enum.Enum):
 
     LEAST_SQUARES = "return the minimum-norm least-squares solution (dense pinv for that batch-head)"
     RAISE = "raise IqaVerifyError naming the first singular step"
-
-
-def check_la_solve_inputs(named: dict[str, torch.Tensor], g: torch.Tensor, initial_state: torch.Tensor | None) -> LASizes:
-    """Validate the inputs of an inverse kernel; returns (B, T, H, D, E).
-
-    named: the three [B, T, H, *] inputs in contract order, keyed by their names (``q``, ``k``: last
-    dim D; ``v``, ``o``: last dim E); g: [B, T, H]; initial_state: [B, H, D, E] or None. One floating
-    dtype and one device; T, D, E >= 1.
-    """
-    first_name, first = next(iter(named.items()))
-    check_ndim(first_name, first, 4, f"[B, T, H, {_LAYOUT[first_name]}]")
-    check_floating(first_name, first)
-    B, T, H, _ = first.shape
-    check_at_least("T", T, 1, "sequence length")
-    dims: dict[str, int] = {}
-    for name, t in named.items():
-        layout = f"[B, T, H, {_LAYOUT[name]}]"
-        check_ndim(name, t, 4, layout)
-        dims.setdefault(_LAYOUT[name], t.shape[-1])
-        check_shape(name, t, (B, T, H, dims[_LAYOUT[name]]), layout)
-    D, E = dims["D"], dims["E"]
-    check_at_least("D", D, 1, "key dimension")
-    check_at_least("E", E, 1, "value dimension")
-    check_shape("g", g, (B, T, H), "[B, T, H]")
-    others = dict(named, g=g)
-    if initial_state is not None:
-        check_shape("initial_state", initial_state, (B, H, D, E), "[B, H, D, E]")
-        others["initial_state"] = initial_state
-    for name, t in others.items():
-        check_dtype(name, t, first.dtype)
-        check_same_device(name, t, first.device)
-    return LASizes(B, T, H, D, E)
 
 
 def check_chunk_size(chunk_size: int) -> None:

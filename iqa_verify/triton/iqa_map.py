@@ -36,7 +36,8 @@ from torch.autograd.function import FunctionCtx, once_differentiable  # noqa: E4
 from iqa_verify.contracts import state_dtype_for  # noqa: E402
 from iqa_verify.errors import IqaVerifyError  # noqa: E402
 from iqa_verify.iqa.backward import Implicit  # noqa: E402
-from iqa_verify.iqa.kernel import IqaStats, check_iqa_forward_inputs, iqa_default_scale  # noqa: E402
+from iqa_verify.contracts import check_iqa_forward_inputs  # noqa: E402
+from iqa_verify.iqa.kernel import IqaStats, iqa_default_scale  # noqa: E402
 from iqa_verify.iqa.solvers import Anderson  # noqa: E402
 
 __all__ = ["iqa_map_triton", "iqa_forward_triton", "iqa_forward_triton_with_stats", "iqa_forward_triton_reference"]

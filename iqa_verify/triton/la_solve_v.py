@@ -39,12 +39,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from torch.autograd.function import FunctionCtx, once_differentiable  # noqa: E402
 
-from iqa_verify.contracts import state_dtype_for  # noqa: E402
-from iqa_verify.kernels.la_solve_v import (  # noqa: E402
-    _least_squares_heads,
-    _singular_steps,
-    check_la_solve_inputs,
-)
+from iqa_verify.contracts import check_la_solve_inputs, state_dtype_for  # noqa: E402
+from iqa_verify.kernels.la_solve_v import _least_squares_heads, _singular_steps  # noqa: E402
 from iqa_verify.triton.la_forward import la_bwd_launch, la_fwd_launch  # noqa: E402
 
 __all__ = ["SOLVE_CHUNK", "la_solve_v_triton", "la_solve_v_triton_reference"]
