@@ -227,12 +227,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
         for name in names:
             fam = family(name)
             dtypes = args.dtype or [str(d).removeprefix("torch.") for d in fam.dtypes]
-            own = builtin_kernels(name)
-            kernels = own + (third_party_kernels(name) if third_party else ())
-            for k in kernels:
+            kernels = [(k, False) for k in builtin_kernels(name)]
+            kernels += [(k, True) for k in (third_party_kernels(name) if third_party else ())]
+            for k, foreign in kernels:
                 kernel = load_kernel(k.impl)
                 k_profile = profile_named(k.profile) if k.profile else profile
-                foreign = k not in own
                 for device in devices:
                     if k.device is not None and device.type != k.device:
                         continue

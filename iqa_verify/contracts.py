@@ -75,15 +75,29 @@ def check_la_forward_inputs(
     check_at_least("E", E, 1, "value dimension")
     check_shape("k", k, (B, T, H, D), "[B, T, H, D]")
     check_shape("v", v, (B, T, H, E), "[B, T, H, E]")
+    sizes = LASizes(B, T, H, D, E)
+    _check_decay_and_state(g, initial_state, sizes, q, {"k": k, "v": v})
+    return sizes
+
+
+def _check_decay_and_state(g: torch.Tensor, initial_state: torch.Tensor | None, sizes: LASizes, first: torch.Tensor,
+                           others: dict[str, torch.Tensor]) -> None:
+    """g [B, T, H] and initial_state [B, H, D, E] or None, then every tensor in ``others``, g and the
+    initial state in ``first``'s dtype and on its device (the shared tail of the linear-attention checks)."""
+    B, T, H, D, E = sizes
     check_shape("g", g, (B, T, H), "[B, T, H]")
-    tensors = {"k": k, "v": v, "g": g}
+    tensors = dict(others, g=g)
     if initial_state is not None:
         check_shape("initial_state", initial_state, (B, H, D, E), "[B, H, D, E]")
         tensors["initial_state"] = initial_state
+    _check_like(first, tensors)
+
+
+def _check_like(first: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor in ``first``'s dtype and on its device."""
     for name, t in tensors.items():
-        check_dtype(name, t, q.dtype)
-        check_same_device(name, t, q.device)
-    return LASizes(B, T, H, D, E)
+        check_dtype(name, t, first.dtype)
+        check_same_device(name, t, first.device)
 
 
 _LAYOUT = {"q": "D", "k": "D", "v": "E", "o": "E"}
@@ -110,15 +124,9 @@ def check_la_solve_inputs(named: dict[str, torch.Tensor], g: torch.Tensor, initi
     D, E = dims["D"], dims["E"]
     check_at_least("D", D, 1, "key dimension")
     check_at_least("E", E, 1, "value dimension")
-    check_shape("g", g, (B, T, H), "[B, T, H]")
-    others = dict(named, g=g)
-    if initial_state is not None:
-        check_shape("initial_state", initial_state, (B, H, D, E), "[B, H, D, E]")
-        others["initial_state"] = initial_state
-    for name, t in others.items():
-        check_dtype(name, t, first.dtype)
-        check_same_device(name, t, first.device)
-    return LASizes(B, T, H, D, E)
+    sizes = LASizes(B, T, H, D, E)
+    _check_decay_and_state(g, initial_state, sizes, first, named)
+    return sizes
 
 
 def check_iqa_forward_inputs(
@@ -147,10 +155,7 @@ def check_iqa_forward_inputs(
     else:
         E = Din
     check_shape("w_q", w_q, (E, Dk), "[E, Dk] (E = Din when w_v is None)")
-    tensors = {"w_q": w_q, "w_k": w_k} | ({"w_v": w_v} if w_v is not None else {})
-    for name, t in tensors.items():
-        check_dtype(name, t, x.dtype)
-        check_same_device(name, t, x.device)
+    _check_like(x, {"w_q": w_q, "w_k": w_k} | ({"w_v": w_v} if w_v is not None else {}))
     if scale is not None and not math.isfinite(scale):
         raise IqaVerifyError(f"scale={scale}: must be finite")
     return IQASizes(B, N, Din, Dk, E)

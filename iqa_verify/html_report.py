@@ -16,7 +16,7 @@ from typing import Any
 
 from iqa_verify.diagnostics import Chart, Diagnostic, Table
 from iqa_verify.outcomes import Status, Verdict
-from iqa_verify.report import summary_rows
+from iqa_verify.report import THIRD_PARTY_NOTE, summary_rows
 
 __all__ = ["render_html"]
 
@@ -152,9 +152,7 @@ def render_html(verdicts: Sequence[Verdict], meta: Mapping[str, Any],
     n_third = sum(1 for v in verdicts if v.third_party)
     parts += [
         f"<h2 id=summary>Summary: {n_pass} of {len(rows)} kernel × dtype runs pass</h2>",
-        *([f'<p class="note">{n_third} runs are of third-party kernels (adapters), reported as they are: their'
-           " failures are findings about those kernels and do not decide the run's exit status. \"time-bounded\":"
-           " a per-property time budget ended the search early (Triton's interpreter on CPU).</p>"] if n_third else []),
+        *([f'<p class="note">{n_third} of these runs: {_esc(THIRD_PARTY_NOTE)}</p>'] if n_third else []),
         '<p class="note">Error ratio = worst |kernel − float64 reference| / allowed; ≤ 1 passes (tolerance table'
         " plus a multiple of a same-precision baseline's error; see the README).</p>",
         _table_html(["kernel", "family", "dtype", "device", "verdict", "properties", "worst ratio"], rows,

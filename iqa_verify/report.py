@@ -26,6 +26,7 @@ from iqa_verify.outcomes import PropertyResult, Status, Verdict
 
 __all__ = [
     "SCHEMA_VERSION",
+    "THIRD_PARTY_NOTE",
     "append_step_summary",
     "render_markdown",
     "summary_rows",
@@ -34,6 +35,12 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+
+THIRD_PARTY_NOTE = (
+    "Third-party kernels (adapters) are reported as they are: their failures are findings about those kernels"
+    " and do not decide this run's exit status. \"time-bounded\": a per-property time budget ended the search"
+    " early (Triton's interpreter on CPU); the examples column says how many ran."
+)
 
 
 def _plain(obj: Any) -> Any:
@@ -131,9 +138,7 @@ def render_markdown(verdicts: Sequence[Verdict], meta: dict[str, Any],
                  f"created {meta.get('created')}." + ("" if meta.get("complete", True) else " **Interrupted: incomplete.**"))
     lines += ["", "Error ratio = worst |kernel − float64 reference| / allowed (≤ 1 passes); see README, tolerance policy.", ""]
     if any(v.third_party for v in verdicts):
-        lines += ["Third-party kernels (adapters) are reported as they are: their failures are findings about"
-                  " those kernels and do not decide this run's exit status. \"time-bounded\": a per-property time"
-                  " budget ended the search early (Triton's interpreter on CPU); the examples column says how many ran.", ""]
+        lines += [THIRD_PARTY_NOTE, ""]
     lines += _table(["kernel", "family", "dtype", "device", "verdict", "properties", "worst ratio"], summary_rows(verdicts))
     for fam, diag in (diagnostics or {}).items():
         tables = [d for d in diag if isinstance(d, Table)] if not isinstance(diag, str) else []

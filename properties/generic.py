@@ -26,8 +26,8 @@ from iqa_verify.poison import nan_poisoned_allocations
 from iqa_verify.tolerances import Kind, tolerance
 
 __all__ = [
-    "shared_properties", "cotangents_for", "ForwardBackward", "nonfinite_problem", "run_forward_backward",
-    "reference_forward_backward",
+    "shared_properties", "cotangents_for", "ForwardBackward", "require_finite",
+    "run_forward_backward", "reference_forward_backward",
 ]
 
 Tensors = dict[str, torch.Tensor]
@@ -194,15 +194,24 @@ def nonfinite_problem(path: str, got: torch.Tensor | None, ref: torch.Tensor | N
     return f"{path}: {int(bad.sum())} of {int(finite_ref.sum())} values non-finite where the reference is finite; first at {first} (kernel {float(a[tuple(first)])}, reference {float(r[tuple(first)]):.6g})"
 
 
-def _finite(ctx: PropertyContext) -> None:
+def require_finite(ctx: PropertyContext, *, output_kind: Kind = Kind.VALUE, judge_output_overflow: bool = True,
+                   judge_grad_overflow: bool = True, why: str = "") -> None:
+    """Raise a Violation listing outputs and gradients that are non-finite where the float64 reference is
+    finite (see :func:`nonfinite_problem`; ``why`` is appended to the message when overflow is not judged)."""
     ref, cots = reference_forward_backward(ctx)
     got = run_forward_backward(ctx, cots)
     dtype = ctx.case.dtype
-    problems = [nonfinite_problem(f"out/{n}", got.outputs[n], ref.outputs[n], dtype, Kind.VALUE) for n in ref.outputs]
-    problems += [nonfinite_problem(f"grad/d{n}", got.grads[n], ref.grads[n], dtype, Kind.GRAD) for n in ref.grads]
+    problems = [nonfinite_problem(f"out/{n}", got.outputs[n], ref.outputs[n], dtype, output_kind,
+                                  judge_overflow=judge_output_overflow) for n in ref.outputs]
+    problems += [nonfinite_problem(f"grad/d{n}", got.grads[n], ref.grads[n], dtype, Kind.GRAD,
+                                   judge_overflow=judge_grad_overflow) for n in ref.grads]
     problems = [p for p in problems if p]
     if problems:
-        raise Violation("non-finite values where the float64 reference is finite:\n  " + "\n  ".join(problems))
+        raise Violation("non-finite values where the float64 reference is finite" + why + ":\n  " + "\n  ".join(problems))
+
+
+def _finite(ctx: PropertyContext) -> None:
+    require_finite(ctx)
 
 
 def _storage_bytes(t: torch.Tensor) -> torch.Tensor:

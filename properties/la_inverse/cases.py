@@ -266,7 +266,9 @@ def build_solve_problem(spec: SolveCase, dtype: torch.dtype) -> SolveProblem:
     peak = float(o.abs().max())
     if peak > limit:
         f = (limit / peak) ** (1.0 / 3.0)
-        t = {n: (x * (f * f if n == "initial_state" else f) if x is not None and n != "g" else x) for n, x in t.items()}
+        t = dict(t, q=t["q"] * f, k=t["k"] * f, v=t["v"] * f)
+        if t["initial_state"] is not None:
+            t["initial_state"] = t["initial_state"] * (f * f)
         rounded, o = _rounded_problem(t, spec, dtype, None if noise is None else noise * f**3)
     return SolveProblem(rounded, rounded[spec.unknown.value], o.to(dtype).to(F64))
 

@@ -43,7 +43,7 @@ import torch
 from iqa_verify.comparison import TensorCheck, compare
 from iqa_verify.family import Case, PropertyContext, Violation
 from iqa_verify.tolerances import Kind, tolerance
-from properties.generic import nonfinite_problem, reference_forward_backward, run_forward_backward
+from properties.generic import reference_forward_backward, require_finite, run_forward_backward
 from properties.la_inverse.cases import build_solve_problem
 from reference.la_forward import la_forward_ref
 from reference.la_inverse import LinearMap, Unknown, la_linear_map
@@ -95,6 +95,14 @@ class DenseSystem:
 
     def identifiable(self, bh: tuple[int, int]) -> bool:
         return int(self.rank[bh]) == self.n_cols
+
+    def sized(self, bh: tuple[int, int], dtype: torch.dtype) -> bool:
+        """The answer's size is determined at the dtype's precision: forward errors are demanded."""
+        return forward_checked(float(self.kappa[bh]), dtype)
+
+    def smooth(self, bh: tuple[int, int], dtype: torch.dtype) -> bool:
+        """Full column rank and sized: the pseudo-inverse is differentiable there (gradients demanded)."""
+        return self.identifiable(bh) and self.sized(bh, dtype)
 
     def describe(self, bh: tuple[int, int]) -> str:
         ident = "identifiable" if self.identifiable(bh) else "not identifiable (minimum-norm answer)"
@@ -212,7 +220,7 @@ def check_backward_error(ctx: PropertyContext) -> None:
     unjudged = []
     for bh in _bh_list(sys_):
         nan, inf = int(torch.isnan(xv[bh]).sum()), int(torch.isinf(xv[bh]).sum())
-        if nan or (inf and forward_checked(float(sys_.kappa[bh]), case.dtype)):
+        if nan or (inf and sys_.sized(bh, case.dtype)):
             raise Violation(f"out/{u} at (b={bh[0]}, h={bh[1]}): {nan} NaN and {inf} inf values; the minimum-norm"
                             " least-squares solution is finite for finite inputs (a pseudo-inverse, not an exact"
                             f" inverse, is needed where the system is singular); {sys_.describe(bh)}")
@@ -271,7 +279,7 @@ def _forward_error_checks(path: str, got: torch.Tensor, want: torch.Tensor, sys_
     atol = tolerance(Kind.FORWARD_ERROR, dtype).atol
     for bh in _bh_list(sys_):
         kappa = float(sys_.kappa[bh])
-        if not forward_checked(kappa, dtype):
+        if not sys_.sized(bh, dtype):
             skipped.append(f"(b={bh[0]}, h={bh[1]}) kappa {kappa:.3g}")
             continue
         size = max(float(sys_.size[bh]), 1e-300)
@@ -347,8 +355,7 @@ def check_idempotent(ctx: PropertyContext) -> None:
 def check_gradients(ctx: PropertyContext) -> None:
     case = ctx.case
     sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
-    eligible = [bh for bh in _bh_list(sys_) if sys_.identifiable(bh) and forward_checked(float(sys_.kappa[bh]), case.dtype)]
-    if len(eligible) < len(_bh_list(sys_)):
+    if not all(sys_.smooth(bh, case.dtype) for bh in _bh_list(sys_)):
         ctx.record([TensorCheck(path="grad/*", passed=True, ratio=0.0,
                                 note="not demanded: the system is rank deficient or ill-conditioned in some (batch,"
                                      " head), where the pseudo-inverse is not smooth")])
@@ -388,17 +395,9 @@ def _baseline_grads(ctx: PropertyContext, cots: dict[str, torch.Tensor]) -> dict
 def check_finite(ctx: PropertyContext) -> None:
     case = ctx.case
     sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
-    sized = all(forward_checked(float(sys_.kappa[bh]), case.dtype) for bh in _bh_list(sys_))
+    sized = all(sys_.sized(bh, case.dtype) for bh in _bh_list(sys_))
     smooth = sized and all(sys_.identifiable(bh) for bh in _bh_list(sys_))
-    ref, cots = reference_forward_backward(ctx)
-    got = run_forward_backward(ctx, cots)
-    dtype = case.dtype
-    problems = [nonfinite_problem(f"out/{n}", got.outputs[n], ref.outputs[n], dtype, Kind.FORWARD_ERROR,
-                                  judge_overflow=sized) for n in ref.outputs]
-    problems += [nonfinite_problem(f"grad/d{n}", got.grads[n], ref.grads[n], dtype, Kind.GRAD, judge_overflow=smooth)
-                 for n in ref.grads]
-    problems = [p for p in problems if p]
-    if problems:
-        why = "" if smooth else (" (overflow of gradients not judged: the system is rank deficient or ill-conditioned"
-                                 + ("" if sized else "; nor of the solution: kappa > 1/sqrt(eps)") + ")")
-        raise Violation("non-finite values where the float64 reference is finite" + why + ":\n  " + "\n  ".join(problems))
+    why = "" if smooth else (" (overflow of gradients not judged: the system is rank deficient or ill-conditioned"
+                             + ("" if sized else "; nor of the solution: kappa > 1/sqrt(eps)") + ")")
+    require_finite(ctx, output_kind=Kind.FORWARD_ERROR, judge_output_overflow=sized, judge_grad_overflow=smooth,
+                   why=why)
