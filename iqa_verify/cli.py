@@ -75,7 +75,8 @@ class Progress:
         if self.live:
             self.stream.write("\r\033[K")
         ratio = "" if r.worst_ratio is None else f"  worst ratio {r.worst_ratio:.3g}"
-        mark = {Status.PASSED: "PASS", Status.FAILED: "FAIL", Status.ERROR: "ERROR", Status.SKIPPED: "skip"}[r.status]
+        mark = {Status.PASSED: "PASS", Status.FAILED: "FAIL", Status.ERROR: "ERROR", Status.SKIPPED: "skip",
+                Status.NOT_APPLICABLE: "n/a"}[r.status]
         print(f"  {mark:5} {r.property_id:32} {r.examples:4d} examples {r.seconds:6.1f}s{ratio}", file=self.stream)
         self.stream.flush()
 

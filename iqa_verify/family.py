@@ -7,6 +7,7 @@ engine (runner, CLI, pytest plugin, reports) only sees this interface.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ __all__ = [
     "CaseSpec",
     "Family",
     "KernelRaised",
+    "NotApplicable",
     "OutputSpec",
     "Property",
     "PropertyContext",
@@ -78,6 +80,15 @@ class KernelRaised(Violation):
     """The kernel under test raised on a valid input: a failing verdict, not a harness crash."""
 
 
+class NotApplicable(Exception):
+    """The property does not apply to this kernel (e.g. a varlen check for a kernel without ``cu_seqlens``):
+    the result is NOT_APPLICABLE with this reason, neither a pass nor a failure."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass
 class PropertyContext:
     """What a property's check sees: the kernel, the case and its family, plus measurements it records."""
@@ -88,15 +99,26 @@ class PropertyContext:
     case: Case
     checks: list[TensorCheck] = field(default_factory=list)
 
-    def call(self, inputs: Mapping[str, torch.Tensor | None] | None = None) -> Tensors:
-        """Call the kernel on ``inputs`` (default: the case's), turning any exception into :class:`KernelRaised`
-        and the returned value into named outputs (a :class:`Violation` if it breaks the contract's structure)."""
+    def call(self, inputs: Mapping[str, torch.Tensor | None] | None = None,
+             kwargs: Mapping[str, Any] | None = None) -> Tensors:
+        """Call the kernel on ``inputs`` (default: the case's) with ``kwargs`` (default: the case's), turning
+        any exception into :class:`KernelRaised` and the returned value into named outputs (a
+        :class:`Violation` if it breaks the contract's structure)."""
         args = dict(self.case.inputs if inputs is None else inputs)
+        kw = dict(self.case.kwargs if kwargs is None else kwargs)
         try:
-            raw = self.kernel(*args.values(), **self.case.kwargs)
+            raw = self.kernel(*args.values(), **kw)
         except Exception as exc:  # the kernel under test misbehaved: a verdict, not a crash
             raise KernelRaised(f"kernel raised {type(exc).__name__}: {exc}") from exc
         return self.family.name_outputs(raw)
+
+    def accepts(self, keyword: str) -> bool:
+        """Whether the kernel's signature takes the keyword argument ``keyword`` (e.g. ``cu_seqlens``)."""
+        try:
+            params = inspect.signature(self.kernel).parameters
+        except (TypeError, ValueError):
+            return False
+        return keyword in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
     def backward(self, outputs: Sequence[torch.Tensor], leaves: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor]):
         try:

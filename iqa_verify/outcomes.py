@@ -17,6 +17,7 @@ class Status(enum.Enum):
     FAILED = ("failed", "does not hold: see the counterexample")
     ERROR = ("error", "the harness itself failed (a bug in iqa-verify): please report it with the traceback")
     SKIPPED = ("skipped", "skipped on request")
+    NOT_APPLICABLE = ("n/a", "does not apply to this kernel (see the note)")
 
     def __init__(self, label: str, message: str) -> None:
         self.label = label
@@ -42,7 +43,8 @@ class PropertyResult:
     (None when the property compares no tensors); worst: the checks of the example with that ratio;
     ratios: each example's largest error ratio, in the order run (for distributions in reports);
     budget_reached: the run's time budget ended the search before the profile's examples were all run
-    (a pass then means "held on the examples run", which the reports say)."""
+    (a pass then means "held on the examples run", which the reports say); note: why a NOT_APPLICABLE
+    property does not apply."""
 
     property_id: str
     title: str
@@ -55,6 +57,7 @@ class PropertyResult:
     error: str | None = None
     ratios: tuple[float, ...] = ()
     budget_reached: bool = False
+    note: str | None = None
 
     @property
     def examples_label(self) -> str:
@@ -84,7 +87,7 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        return self.complete and all(r.status in (Status.PASSED, Status.SKIPPED) for r in self.results)
+        return self.complete and all(r.status in (Status.PASSED, Status.SKIPPED, Status.NOT_APPLICABLE) for r in self.results)
 
     def failed(self) -> list[PropertyResult]:
         return [r for r in self.results if r.status in (Status.FAILED, Status.ERROR)]

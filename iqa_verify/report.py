@@ -95,7 +95,7 @@ def summary_rows(verdicts: Sequence[Verdict]) -> list[list[str]]:
     """One row per verdict: kernel, family, dtype, device, verdict, properties passed, worst error ratio."""
     rows = []
     for v in verdicts:
-        ran = [r for r in v.results if r.status is not Status.SKIPPED]
+        ran = [r for r in v.results if r.status not in (Status.SKIPPED, Status.NOT_APPLICABLE)]
         ok = sum(r.status is Status.PASSED for r in ran)
         ratios = [r.worst_ratio for r in ran if r.worst_ratio is not None]
         verdict = "PASS" if v.passed else ("INCOMPLETE" if not v.complete else "FAIL")

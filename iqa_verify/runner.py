@@ -24,7 +24,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import Flaky
 
 from iqa_verify.comparison import TensorCheck
-from iqa_verify.family import Family, Property, PropertyContext, Violation
+from iqa_verify.family import Family, NotApplicable, Property, PropertyContext, Violation
 from iqa_verify.outcomes import Counterexample, PropertyResult, Status, Verdict
 from iqa_verify.profiles import Profile
 
@@ -210,6 +210,8 @@ def run_property(
             test()
     except _Failed as failed:
         return result(Status.FAILED, counterexample=_counterexample(cfg, prop, failed))
+    except NotApplicable as na:
+        return result(Status.NOT_APPLICABLE, note=na.reason)
     except Flaky:
         last = list(search.failures.values())[-1] if search.failures else None
         if last is None:

@@ -82,13 +82,16 @@ def _baseline_forward_backward(ctx: PropertyContext, cots: Tensors) -> ForwardBa
     return ForwardBackward({n: o.detach() for n, o in outs.items()}, grads)
 
 
-def run_forward_backward(ctx: PropertyContext, cots: Tensors) -> ForwardBackward:
-    """The kernel's outputs and gradients; a detached output is a Violation that says so."""
+def run_forward_backward(ctx: PropertyContext, cots: Tensors, inputs: Mapping[str, torch.Tensor | None] | None = None,
+                         kwargs: Mapping[str, object] | None = None) -> ForwardBackward:
+    """The kernel's outputs and gradients of <cots, outputs> on ``inputs``/``kwargs`` (default: the case's);
+    a detached output is a Violation that says so."""
     case, fam = ctx.case, ctx.family
     diff = fam.differentiable(case)
-    leaves = {n: case.inputs[n].detach().requires_grad_() for n in diff}
+    inputs = dict(case.inputs if inputs is None else inputs)
+    leaves = {n: inputs[n].detach().requires_grad_() for n in diff}
     with torch.enable_grad():
-        outs = ctx.call({**case.inputs, **leaves})
+        outs = ctx.call({**inputs, **leaves}, kwargs)
         _check_shapes(ctx, outs)
         detached = [n for n in cots if not outs[n].requires_grad]
         if detached:
