@@ -5,7 +5,12 @@
     iqa-verify gate IMPL --family F (--baseline FILE | --write-baseline FILE) [--max-regression R]
                     [--dtype D ...] [--device D] [--profile P] [--seed N]
     iqa-verify list
-    iqa-verify report [--out DIR] [--profile P] [--seed N] [--dtype D ...] [--device D ...]
+    iqa-verify report [--out DIR] [--profile P] [--seed N] [--dtype D ...] [--device D ...] [--family F [--impl IMPL ...]]
+    (check, gate and report also take --example-timeout SECONDS, --max-memory SIZE, --in-process)
+
+Every command runs the kernel in a worker process (``--in-process`` for debugging with pdb; not safe for
+gating): a kernel that exits, crashes, hangs (``--example-timeout``), runs out of memory (``--max-memory``)
+or raises anything fails with a message saying so, and the run goes on.
 
 Exit status: 0 every property holds (and, for gate, none regressed); 1 a property fails or regressed (a
 kernel that raises on a valid input fails); 2 usage errors (bad arguments, IMPL not importable, unknown
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -25,6 +31,7 @@ from pathlib import Path
 import torch
 
 from iqa_verify.errors import IqaVerifyError
+from iqa_verify.family import BuiltinKernel
 from iqa_verify.gate import (
     DEFAULT_MAX_REGRESSION,
     baseline_from_verdicts,
@@ -38,6 +45,7 @@ from iqa_verify.profiles import PROFILES, profile_named
 from iqa_verify.registry import FAMILIES, builtin_kernels, family, optional_kernels, third_party_kernels
 from iqa_verify.report import append_step_summary, summary_rows, write_report
 from iqa_verify.runner import RunConfig, check
+from iqa_verify.supervisor import InProcess, Isolated, Isolation, close_all, host_for, parse_memory
 
 __all__ = ["main"]
 
@@ -112,16 +120,35 @@ def _run(cfg: RunConfig, progress: Progress, *, only: Sequence[str] = (), skip: 
     return check(cfg, only=only, skip=skip, case_json=case, progress=progress.example, on_result=progress.result)
 
 
+def _isolation(args: argparse.Namespace) -> Isolation:
+    if args.example_timeout is not None and not args.example_timeout > 0:
+        raise IqaVerifyError(f"example_timeout={args.example_timeout}: seconds per kernel call must be > 0")
+    if args.in_process:
+        if args.max_memory is not None:
+            raise IqaVerifyError("max_memory: caps the kernel's worker process; it cannot be combined with --in-process")
+        return InProcess()
+    return Isolated(args.example_timeout, parse_memory(args.max_memory) if args.max_memory else None)
+
+
+def _kernel(impl: str, isolation: Isolation):
+    """The kernel itself only when it runs here; an isolated kernel is loaded in its worker, started now
+    so that an IMPL that cannot load is a usage error before anything is printed."""
+    kernel = load_kernel(impl) if isinstance(isolation, InProcess) else None
+    host_for(impl, isolation, kernel)
+    return kernel
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     fam = family(args.family)
     for pid in [*args.only, *args.skip]:
         fam.property(pid)
     if args.case is not None:
         fam.spec_from_json(args.case)
-    kernel = load_kernel(args.impl)
+    isolation = _isolation(args)
     report_dir = Path(args.report) if args.report else None
-    cfg = RunConfig(fam, kernel, args.impl, DTYPES[args.dtype], parse_device(args.device), profile_named(args.profile),
-                    args.seed, report_dir, time_budget_s=_budget(args.time_budget))
+    cfg = RunConfig(fam, _kernel(args.impl, isolation), args.impl, DTYPES[args.dtype], parse_device(args.device),
+                    profile_named(args.profile), args.seed, report_dir, time_budget_s=_budget(args.time_budget),
+                    isolation=isolation)
     verdict = _run(cfg, Progress(), only=args.only, skip=args.skip, case=args.case)
     print()
     _print_table([verdict])
@@ -156,12 +183,13 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     for d in dtypes:
         if d not in DTYPES:
             raise IqaVerifyError(f"dtype={d!r}: must be one of {', '.join(DTYPES)}")
-    kernel = load_kernel(args.impl)
+    isolation = _isolation(args)
+    kernel = _kernel(args.impl, isolation)
     device = parse_device(args.device)
     progress = Progress()
     verdicts = []
     for d in dtypes:
-        cfg = RunConfig(fam, kernel, args.impl, DTYPES[d], device, profile_named(profile), seed)
+        cfg = RunConfig(fam, kernel, args.impl, DTYPES[d], device, profile_named(profile), seed, isolation=isolation)
         verdicts.append(_run(cfg, progress))
     print()
     _print_table(verdicts)
@@ -220,18 +248,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
     diagnostics: dict = {}
     complete = True
     names = args.family or list(FAMILIES)
+    if args.impl and len(names) != 1:
+        raise IqaVerifyError(f"impl={' '.join(args.impl)}: --impl needs exactly one --family (the kernels' own)")
     third_party = args.third_party
     budget = _budget(args.third_party_budget)
+    isolation = _isolation(args)
     for name in names:
         family(name)  # unknown names: a usage error before anything runs
     try:
         for name in names:
             fam = family(name)
             dtypes = args.dtype or [str(d).removeprefix("torch.") for d in fam.dtypes]
-            kernels = [(k, False) for k in builtin_kernels(name)]
-            kernels += [(k, True) for k in (third_party_kernels(name) if third_party else ())]
+            if args.impl:
+                kernels = [(BuiltinKernel(impl, "given with --impl"), False) for impl in args.impl]
+            else:
+                kernels = [(k, False) for k in builtin_kernels(name)]
+                kernels += [(k, True) for k in (third_party_kernels(name) if third_party else ())]
             for k, foreign in kernels:
-                kernel = load_kernel(k.impl)
+                try:
+                    kernel, unloadable = _kernel(k.impl, isolation), None
+                except IqaVerifyError as exc:  # a kernel that cannot even load: its rows say so
+                    kernel, unloadable = None, str(exc)
                 k_profile = profile_named(k.profile) if k.profile else profile
                 for device in devices:
                     if k.device is not None and device.type != k.device:
@@ -240,8 +277,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
                     k_budget = budget if foreign and device.type == "cpu" else None
                     for dtype_name in dtypes:
                         cfg = RunConfig(fam, kernel, k.impl, DTYPES[dtype_name], device, k_profile, args.seed, out,
-                                        time_budget_s=k_budget)
-                        verdict = _run(cfg, progress)
+                                        time_budget_s=k_budget, isolation=isolation)
+                        try:
+                            verdict = _unloadable(cfg, unloadable) if unloadable else _run(cfg, progress)
+                        except IqaVerifyError as exc:  # its worker could not be restarted
+                            verdict = _unloadable(cfg, str(exc))
                         verdict.third_party = foreign
                         verdicts.append(verdict)
                         if not verdict.complete:
@@ -272,6 +312,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK if all(v.passed for v in verdicts if not v.third_party) else EXIT_FAILED
 
 
+def _unloadable(cfg: RunConfig, why: str) -> Verdict:
+    verdict = Verdict(cfg.kernel_name, cfg.family.name, str(cfg.dtype).removeprefix("torch."), str(cfg.device),
+                      cfg.profile.name, cfg.seed)
+    verdict.results.append(PropertyResult("load", "the kernel loads", Status.FAILED, 0, 0.0, error=why))
+    return verdict
+
+
+def _isolation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--example-timeout", type=float, default=None, metavar="SECONDS",
+                   help="seconds one kernel call (forward and backward) may take before the kernel process is"
+                        " killed and the case reported as a hang (default: the profile's; ci 120)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="cap the kernel process's address space (e.g. 8G; Linux resource limit), so a runaway"
+                        " kernel fails instead of taking the machine down")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the kernel in this process (for pdb); NOT safe for gating: the kernel can then end"
+                        " or hang the run and decide its own verdict")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="iqa-verify", description="Property-based verification of attention kernels.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -289,6 +348,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop each property's search after this many seconds (at least one example runs; the"
                         " result says the budget ended it); for kernels that run slowly here")
+    _isolation_options(c)
     gt = sub.add_parser("gate", help="fail when a property fails or its worst error ratio regressed against a baseline")
     gt.add_argument("impl", metavar="IMPL", help="package.module:attr or path/to/file.py:attr")
     gt.add_argument("--family", required=True)
@@ -300,6 +360,7 @@ def _parser() -> argparse.ArgumentParser:
     gt.add_argument("--device", default="cpu")
     gt.add_argument("--profile", default=None, choices=list(PROFILES), help="default: the baseline's")
     gt.add_argument("--seed", type=int, default=None, help="default: the baseline's")
+    _isolation_options(gt)
     sub.add_parser("list", help="families, properties and built-in kernels")
     r = sub.add_parser("report", help="verify every built-in kernel x family x dtype and write a report")
     r.add_argument("--out", default="reports")
@@ -307,6 +368,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES), help="default: each family's dtypes")
     r.add_argument("--family", nargs="+", default=None, help="default: every family")
+    r.add_argument("--impl", nargs="+", default=None, metavar="IMPL",
+                   help="verify these kernels (of the one --family) instead of the built-in and third-party ones")
     r.add_argument("--device", nargs="+", default=None, help="default: cpu, and cuda when available")
     r.add_argument("--third-party", dest="third_party", action="store_true", default=True,
                    help="also verify the installed third-party kernels (adapters), reported as they are: their"
@@ -316,12 +379,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="per-property time budget for third-party kernels on CPU, where their Triton kernels run"
                         f" in the interpreter (default {THIRD_PARTY_BUDGET_S:g} s; the report marks such runs"
                         " time-bounded)")
+    _isolation_options(r)
     return p
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM to the supervisor: stop like Ctrl-C (workers ended, partial report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"check": _cmd_check, "gate": _cmd_gate, "list": _cmd_list, "report": _cmd_report}
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return commands[args.command](args)
     except (IqaVerifyError, KeyError) as exc:
@@ -334,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return EXIT_OK
+    finally:
+        close_all()
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

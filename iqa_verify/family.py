@@ -7,7 +7,6 @@ engine (runner, CLI, pytest plugin, reports) only sees this interface.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,13 +16,17 @@ from hypothesis.strategies import SearchStrategy
 
 from iqa_verify.comparison import TensorCheck
 from iqa_verify.diagnostics import Diagnostic
+from iqa_verify.execution import CallOutcome, ExtraCall, KernelCall, accepts_keyword
 from iqa_verify.profiles import Profile
+from iqa_verify.supervisor import KernelDied, KernelHost
 
 __all__ = [
     "BuiltinKernel",
     "Case",
     "CaseSpec",
     "Family",
+    "ForwardBackward",
+    "KernelCrashed",
     "KernelRaised",
     "NotApplicable",
     "OutputSpec",
@@ -77,7 +80,16 @@ class Violation(Exception):
 
 
 class KernelRaised(Violation):
-    """The kernel under test raised on a valid input: a failing verdict, not a harness crash."""
+    """The kernel under test raised on a valid input: a failing verdict, not a harness crash.
+    ``error_type`` is the class name of what it raised (the object itself stays in the kernel's process)."""
+
+    def __init__(self, message: str, error_type: str = "") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class KernelCrashed(Violation):
+    """The kernel's process exited, was killed or stopped answering during a call (see supervisor)."""
 
 
 class NotApplicable(Exception):
@@ -90,41 +102,98 @@ class NotApplicable(Exception):
 
 
 @dataclass
+class ForwardBackward:
+    """The kernel's (or a reference's) outputs by name and gradients by input name (None: no gradient)."""
+
+    outputs: Tensors
+    grads: dict[str, torch.Tensor | None]
+
+
+@dataclass
 class PropertyContext:
-    """What a property's check sees: the kernel, the case and its family, plus measurements it records."""
+    """What a property's check sees: the case and its family, the kernel (behind a
+    :class:`~iqa_verify.supervisor.KernelHost`: in a worker process or here), and what it records.
+
+    Every interaction with the kernel goes through :meth:`call`, :meth:`forward_backward`, :meth:`extra`
+    and :meth:`accepts`; each returns tensors and data, never the kernel's own objects. ``during`` names
+    the property in messages; ``timeout_s`` bounds each call. ``printed`` collects what the kernel printed
+    and ``state_changes`` the global torch settings it left changed (judged by ``contract``)."""
 
     family: Family
-    kernel: Callable[..., Any]
+    host: KernelHost
     kernel_name: str
     case: Case
+    during: str = ""
+    timeout_s: float = 60.0
     checks: list[TensorCheck] = field(default_factory=list)
+    printed: list[str] = field(default_factory=list)
+    state_changes: list[str] = field(default_factory=list)
+
+    def run(self, request: KernelCall | ExtraCall) -> CallOutcome:
+        """Run one request on the kernel's host; a dead, killed or hung kernel process is a
+        :class:`KernelCrashed` violation."""
+        try:
+            outcome = self.host.run(request, self.during, self.timeout_s)
+        except KernelDied as died:
+            raise KernelCrashed(died.message) from None
+        if outcome.output:
+            self.printed.append(outcome.output)
+        self.state_changes.extend(outcome.state_changes)
+        return outcome
+
+    def _inputs_kwargs(self, inputs, kwargs) -> tuple[dict[str, torch.Tensor | None], dict[str, Any]]:
+        return dict(self.case.inputs if inputs is None else inputs), dict(self.case.kwargs if kwargs is None else kwargs)
+
+    def named(self, outcome: CallOutcome) -> Tensors:
+        """The outputs of a call by name; what the kernel raised is :class:`KernelRaised`, a return that
+        breaks the contract's structure a :class:`Violation`."""
+        if outcome.error is not None:
+            raise KernelRaised(outcome.error.describe(), outcome.error.type_name)
+        n = len(self.family.output_names)
+        if outcome.outputs is None or len(outcome.outputs) != n:
+            got = outcome.returned
+            raise Violation(f"kernel returned {got}; the contract `{self.family.signature}` returns {n} tensor(s)"
+                            f" {self.family.output_names}")
+        return dict(zip(self.family.output_names, outcome.outputs))
 
     def call(self, inputs: Mapping[str, torch.Tensor | None] | None = None,
              kwargs: Mapping[str, Any] | None = None) -> Tensors:
-        """Call the kernel on ``inputs`` (default: the case's) with ``kwargs`` (default: the case's), turning
-        any exception into :class:`KernelRaised` and the returned value into named outputs (a
-        :class:`Violation` if it breaks the contract's structure)."""
-        args = dict(self.case.inputs if inputs is None else inputs)
-        kw = dict(self.case.kwargs if kwargs is None else kwargs)
-        try:
-            raw = self.kernel(*args.values(), **kw)
-        except Exception as exc:  # the kernel under test misbehaved: a verdict, not a crash
-            raise KernelRaised(f"kernel raised {type(exc).__name__}: {exc}") from exc
-        return self.family.name_outputs(raw)
+        """One forward call on ``inputs`` (default: the case's) with ``kwargs`` (default: the case's)."""
+        args, kw = self._inputs_kwargs(inputs, kwargs)
+        return self.named(self.run(KernelCall(args, kw)))
+
+    def forward_backward(self, cots: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor | None] | None = None,
+                         kwargs: Mapping[str, Any] | None = None, *, poisoned: bool = False) -> ForwardBackward:
+        """Outputs and the gradients of <cots, outputs> w.r.t. the family's differentiable inputs. Cotangents
+        keep their layout (strides) on the way to the kernel. A detached output is a Violation that says so."""
+        args, kw = self._inputs_kwargs(inputs, kwargs)
+        diff = self.family.differentiable(self.case)
+        cot = tuple(cots.get(n) for n in self.family.output_names)
+        outcome = self.run(KernelCall(args, kw, diff, cot, poisoned=poisoned))
+        outs = self.named(outcome)
+        for name, spec in self.family.output_contract(self.case).items():
+            if tuple(outs[name].shape) != spec.shape:
+                raise Violation(f"out/{name}: shape {tuple(outs[name].shape)} but the contract requires {spec.shape}")
+        detached = [n for n, rg in zip(self.family.output_names, outcome.requires_grad) if n in cots and not rg]
+        if detached:
+            raise Violation(
+                f"output(s) {', '.join(detached)} do not require grad although inputs {', '.join(diff)} do: the kernel"
+                " returns a detached tensor, so no loss downstream can train through it"
+            )
+        if outcome.error is None and outcome.grads is None:
+            return ForwardBackward(outs, {n: None for n in diff})
+        return ForwardBackward(outs, dict(outcome.grads))
+
+    def extra(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(kernel, *args)`` beside the kernel (fn a module-level function returning data)."""
+        outcome = self.run(ExtraCall(fn, args))
+        if outcome.error is not None:
+            raise KernelRaised(outcome.error.describe(), outcome.error.type_name)
+        return outcome.value
 
     def accepts(self, keyword: str) -> bool:
         """Whether the kernel's signature takes the keyword argument ``keyword`` (e.g. ``cu_seqlens``)."""
-        try:
-            params = inspect.signature(self.kernel).parameters
-        except (TypeError, ValueError):
-            return False
-        return keyword in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-    def backward(self, outputs: Sequence[torch.Tensor], leaves: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor]):
-        try:
-            return torch.autograd.grad(list(outputs), list(leaves), list(cotangents), allow_unused=True)
-        except Exception as exc:
-            raise KernelRaised(f"kernel's backward raised {type(exc).__name__}: {exc}") from exc
+        return bool(self.extra(accepts_keyword, keyword))
 
     def record(self, checks: Sequence[TensorCheck]) -> None:
         self.checks.extend(checks)
@@ -189,14 +258,6 @@ class Family:
     builtin_kernels: tuple[BuiltinKernel, ...] = ()
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
     diagnostics: Callable[[Profile], Sequence[Diagnostic]] | None = None
-
-    def name_outputs(self, raw: Any) -> Tensors:
-        n = len(self.output_names)
-        items = raw if isinstance(raw, (tuple, list)) else (raw,)
-        if len(items) != n or not all(isinstance(t, torch.Tensor) for t in items):
-            got = type(raw).__name__ if not isinstance(raw, (tuple, list)) else f"{type(raw).__name__} of {len(raw)}"
-            raise Violation(f"kernel returned {got}; the contract `{self.signature}` returns {n} tensor(s) {self.output_names}")
-        return dict(zip(self.output_names, items))
 
     def property(self, property_id: str) -> Property:
         for p in self.properties:

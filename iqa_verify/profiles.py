@@ -27,20 +27,24 @@ class Size(enum.Enum):
 @dataclass(frozen=True)
 class Profile:
     """name; random examples per property (pinned edge regimes come on top); shape bounds;
-    wall-clock seconds the shrinker may spend per failing property before it settles."""
+    wall-clock seconds the shrinker may spend per failing property before it settles; seconds one kernel
+    call (forward and backward) may take before the worker is killed and the call reported as a hang
+    (generous: CPU, Triton's interpreter; ``--example-timeout`` overrides it)."""
 
     name: str
     max_examples: int
     size: Size
     shrink_budget_s: float
+    example_timeout_s: float = 120.0
 
 
 PROFILES: dict[str, Profile] = {
     # pinned edge cases plus a few random ones: for kernels that run slowly here (Triton's interpreter)
     "smoke": Profile("smoke", max_examples=4, size=Size.SMALL, shrink_budget_s=5.0),
     "ci": Profile("ci", max_examples=30, size=Size.SMALL, shrink_budget_s=20.0),
-    "dev": Profile("dev", max_examples=150, size=Size.MEDIUM, shrink_budget_s=60.0),
-    "thorough": Profile("thorough", max_examples=1000, size=Size.LARGE, shrink_budget_s=300.0),
+    "dev": Profile("dev", max_examples=150, size=Size.MEDIUM, shrink_budget_s=60.0, example_timeout_s=300.0),
+    "thorough": Profile("thorough", max_examples=1000, size=Size.LARGE, shrink_budget_s=300.0,
+                        example_timeout_s=600.0),
 }
 
 

@@ -3,6 +3,7 @@
     pytest --iqa-impl mypkg.kernels:la_forward --iqa-family la-forward [--iqa-dtype bfloat16 ...]
            [--iqa-device cuda] [--iqa-profile ci|dev|thorough] [--iqa-seed N]
            [--iqa-baseline FILE [--iqa-max-regression R]]
+           [--iqa-example-timeout SECONDS] [--iqa-max-memory SIZE] [--iqa-in-process]
 
 One item per property x dtype, named ``<property id>[<kernel>-<dtype>]`` (so JUnit XML and ``-k`` read
 well); a failing item prints the same message as the CLI: the tensors out of tolerance, the shrunk
@@ -10,6 +11,10 @@ counterexample and the one-line repro. Works with pytest-xdist (``-n 2``): items
 in every worker. With ``--iqa-baseline`` an item also fails when the property's worst error ratio grew
 by more than R against the baseline (``iqa-verify gate``; profile and seed default to the baseline's).
 :func:`verify` is the same check for tests that parametrize their own items.
+
+The kernel runs in a worker process (one per pytest process, reused by its items), so its verdict
+comes from this process: a kernel that exits, crashes, hangs or raises anything fails its item with a
+message saying so, and the session goes on. ``--iqa-in-process`` runs it here, for pdb only.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.gate import DEFAULT_MAX_REGRESSION, Baseline, find_regressions, load_baseline
 from iqa_verify.loading import load_kernel
+from iqa_verify.supervisor import InProcess, Isolated, Isolation, host_for, parse_memory
 from iqa_verify.outcomes import PropertyResult, Status, Verdict
 from iqa_verify.profiles import PROFILES, profile_named
 from iqa_verify.registry import family
@@ -46,12 +52,13 @@ def failure_text(cfg: RunConfig, r: PropertyResult) -> str:
 
 def verify(impl: str, family_name: str, property_id: str, dtype: str, *, device: str = "cpu", profile: str = "ci",
            seed: int = 0, report_dir: Path | None = None, baseline: Baseline | None = None,
-           max_regression: float = DEFAULT_MAX_REGRESSION) -> PropertyResult:
+           max_regression: float = DEFAULT_MAX_REGRESSION, isolation: Isolation = Isolated()) -> PropertyResult:
     """Run one property; ``pytest.fail`` with the full failure text unless it holds (and, given a
     baseline, unless its worst error ratio regressed)."""
     fam = family(family_name)
-    cfg = RunConfig(fam, load_kernel(impl), impl, _DTYPES[dtype], torch.device(device), profile_named(profile), seed,
-                    report_dir)
+    kernel = load_kernel(impl) if isinstance(isolation, InProcess) else None
+    cfg = RunConfig(fam, kernel, impl, _DTYPES[dtype], torch.device(device), profile_named(profile), seed,
+                    report_dir, isolation=isolation)
     result = run_property(cfg, fam.property(property_id))
     if result.status is Status.NOT_APPLICABLE:
         pytest.skip(f"{property_id} does not apply to {impl}: {result.note}")
@@ -89,6 +96,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--iqa-seed", type=int, default=None, help="default 0 (or the baseline's)")
     g.addoption("--iqa-baseline", default=None, metavar="FILE", help="fail properties whose worst error ratio regressed")
     g.addoption("--iqa-max-regression", type=float, default=DEFAULT_MAX_REGRESSION, metavar="R")
+    g.addoption("--iqa-example-timeout", type=float, default=None, metavar="SECONDS",
+                help="seconds one kernel call may take before its process is killed (default: the profile's)")
+    g.addoption("--iqa-max-memory", default=None, metavar="SIZE", help="cap the kernel process's memory (e.g. 8G)")
+    g.addoption("--iqa-in-process", action="store_true",
+                help="run the kernel in the pytest process (for pdb; not safe for gating)")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -100,8 +112,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         raise pytest.UsageError("--iqa-impl needs --iqa-family (see `iqa-verify list`)")
     try:
         fam = family(name)
+        timeout = config.getoption("iqa_example_timeout")
+        if timeout is not None and not timeout > 0:
+            raise IqaVerifyError(f"--iqa-example-timeout={timeout}: seconds per kernel call must be > 0")
+        memory = config.getoption("iqa_max_memory")
+        isolation: Isolation = InProcess() if config.getoption("iqa_in_process") else Isolated(
+            timeout, parse_memory(memory) if memory else None)
         for impl in impls:
-            load_kernel(impl)
+            host_for(impl, isolation)  # loads it (in its worker when isolated): a usage error if it cannot
         path = config.getoption("iqa_baseline")
         baseline = load_baseline(Path(path)) if path else None
     except (IqaVerifyError, KeyError) as exc:
@@ -116,6 +134,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         "seed": config.getoption("iqa_seed") if config.getoption("iqa_seed") is not None else (baseline.seed if baseline else 0),
         "baseline": baseline,
         "max_regression": config.getoption("iqa_max_regression"),
+        "isolation": isolation,
     }
     for impl in impls:
         short = impl.rsplit(":", 1)[-1]

@@ -6,6 +6,11 @@ case within the profile's shrink budget. A kernel that raises, returns garbage o
 yields a FAILED result with the shrunk counterexample; a failure of the harness itself is recorded as
 ERROR with its traceback. Neither crashes the run, and Ctrl-C returns what was verified so far,
 marked incomplete.
+
+The kernel runs where ``RunConfig.isolation`` says (:mod:`iqa_verify.supervisor`): by default in a worker
+process, so that exiting, crashing, hanging or raising anything ends in a FAILED result naming what
+happened (the worker is replaced and the search goes on, shrinking included, each candidate in a live
+worker); what it prints is kept and shown with a failure.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import Flaky
 
+from iqa_verify import cpu_share
 from iqa_verify.comparison import TensorCheck
 from iqa_verify.family import Family, NotApplicable, Property, PropertyContext, Violation
 from iqa_verify.outcomes import Counterexample, PropertyResult, Status, Verdict
 from iqa_verify.profiles import Profile
+from iqa_verify.supervisor import Isolated, Isolation, KernelHost, host_for
 
 __all__ = ["RunConfig", "check", "run_property"]
 
@@ -45,11 +52,13 @@ class RunConfig:
     ``path.py:attr``): repro commands use it. report_dir, when set, receives failing inputs.
     time_budget_s, when set, bounds each property's search: once that many seconds have passed (and at
     least one example ran, and nothing has failed yet) no new example starts; the result says so. For
-    kernels that run slowly here (third-party Triton kernels in the interpreter).
+    kernels that run slowly here (third-party Triton kernels in the interpreter). isolation: where the
+    kernel runs (:class:`~iqa_verify.supervisor.Isolated`, the default, loads ``kernel_name`` in a worker
+    process and ``kernel`` may be None; :class:`~iqa_verify.supervisor.InProcess` calls ``kernel`` here).
     """
 
     family: Family
-    kernel: Callable[..., Any]
+    kernel: Callable[..., Any] | None
     kernel_name: str
     dtype: torch.dtype
     device: torch.device
@@ -57,6 +66,13 @@ class RunConfig:
     seed: int = 0
     report_dir: Path | None = None
     time_budget_s: float | None = None
+    isolation: Isolation = Isolated()
+
+    @property
+    def example_timeout_s(self) -> float:
+        """Seconds one kernel call may take: the isolation's, else the profile's default."""
+        own = self.isolation.example_timeout_s if isinstance(self.isolation, Isolated) else None
+        return own if own is not None else self.profile.example_timeout_s
 
     def repro(self, prop: Property, spec_json: str) -> str:
         return (
@@ -75,8 +91,8 @@ class _Failed(Exception):
 class _Search:
     """State of one property's search: examples run, worst passing ratio, failures seen while shrinking."""
 
-    def __init__(self, cfg: RunConfig, prop: Property, progress: Progress | None) -> None:
-        self.cfg, self.prop, self.progress = cfg, prop, progress
+    def __init__(self, cfg: RunConfig, prop: Property, progress: Progress | None, host: KernelHost) -> None:
+        self.cfg, self.prop, self.progress, self.host = cfg, prop, progress, host
         self.examples = 0
         self.worst_ratio: float | None = None
         self.worst: tuple[TensorCheck, ...] = ()
@@ -110,10 +126,13 @@ class _Search:
             self.progress(self.prop.id, self.examples)
         cfg = self.cfg
         case = cfg.family.build(spec, cfg.dtype, cfg.device)
-        ctx = PropertyContext(family=cfg.family, kernel=cfg.kernel, kernel_name=cfg.kernel_name, case=case)
+        ctx = PropertyContext(family=cfg.family, host=self.host, kernel_name=cfg.kernel_name, case=case,
+                              during=self.prop.id, timeout_s=cfg.example_timeout_s)
         try:
             self.prop.check(ctx)
         except Violation as v:
+            if ctx.printed:
+                v = Violation(f"{v.message}\n{_printed(ctx.printed)}", v.checks)
             failed = _Failed(spec, case.shapes(), v, list(v.checks or ctx.checks), case.inputs)
             self.ratios.append(max((c.ratio for c in failed.checks), default=float("inf")))
             self.failures[spec] = failed
@@ -126,6 +145,13 @@ class _Search:
         if ratios and (self.worst_ratio is None or max(ratios) > self.worst_ratio):
             self.worst_ratio = max(ratios)
             self.worst = tuple(ctx.checks)
+
+
+def _printed(chunks: Sequence[str], limit: int = 2000) -> str:
+    text = "".join(chunks)
+    if len(text) > limit:
+        text = text[: limit // 2] + f"\n... ({len(text) - limit} characters cut) ...\n" + text[-limit // 2:]
+    return "the kernel printed (cut short):\n" + "\n".join(f"  | {line}" for line in text.rstrip().splitlines())
 
 
 def _save_inputs(cfg: RunConfig, prop: Property, failed: _Failed) -> str | None:
@@ -158,10 +184,13 @@ def _counterexample(cfg: RunConfig, prop: Property, failed: _Failed, note: str =
 
 
 def run_property(
-    cfg: RunConfig, prop: Property, *, case_json: str | None = None, progress: Progress | None = None
+    cfg: RunConfig, prop: Property, *, case_json: str | None = None, progress: Progress | None = None,
+    host: KernelHost | None = None,
 ) -> PropertyResult:
     """Search for a counterexample to ``prop``; replay exactly one case when ``case_json`` is given."""
-    search = _Search(cfg, prop, progress)
+    cpu_share.apply()
+    host = host or host_for(cfg.kernel_name, cfg.isolation, cfg.kernel)
+    search = _Search(cfg, prop, progress, host)
     started = time.monotonic()
 
     def result(status: Status, counterexample: Counterexample | None = None, **kw: Any) -> PropertyResult:
@@ -249,12 +278,13 @@ def check(
         seed=cfg.seed,
         time_budget_s=cfg.time_budget_s,
     )
+    host = host_for(cfg.kernel_name, cfg.isolation, cfg.kernel)  # a kernel that cannot load: IqaVerifyError
     for prop in cfg.family.properties:
         if (only and prop.id not in only) or prop.id in skip:
             res = PropertyResult(prop.id, prop.title, Status.SKIPPED, 0, 0.0)
         else:
             try:
-                res = run_property(cfg, prop, case_json=case_json, progress=progress)
+                res = run_property(cfg, prop, case_json=case_json, progress=progress, host=host)
             except KeyboardInterrupt:
                 verdict.complete = False
                 break

@@ -2,7 +2,8 @@
 
 ids are ``<family>/<name>``:
 
-- ``contract``: outputs have the contract's count, shapes, dtypes and device.
+- ``contract``: outputs have the contract's count, shapes, dtypes and device, and the kernel leaves torch's
+  global settings (default dtype, grad mode, deterministic algorithms, anomaly mode, threads) as it found them.
 - ``values``: outputs equal the float64 reference under the VALUE tolerance and baseline rule.
 - ``gradients``: gradients of random cotangents on *all* outputs w.r.t. every differentiable input equal
   the float64 reference's under the GRAD tolerance; a detached output or a missing gradient fails.
@@ -16,13 +17,12 @@ ids are ``<family>/<name>``:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 
 from iqa_verify.comparison import TensorCheck, compare
-from iqa_verify.family import Case, Property, PropertyContext, Violation
-from iqa_verify.poison import nan_poisoned_allocations
+from iqa_verify.execution import KernelCall
+from iqa_verify.family import Case, ForwardBackward, Property, PropertyContext, Violation
 from iqa_verify.tolerances import Kind, tolerance
 
 __all__ = [
@@ -31,12 +31,6 @@ __all__ = [
 ]
 
 Tensors = dict[str, torch.Tensor]
-
-
-@dataclass
-class ForwardBackward:
-    outputs: Tensors
-    grads: dict[str, torch.Tensor | None]
 
 
 def cotangents_for(case: Case, reference: Tensors) -> Tensors:
@@ -49,14 +43,14 @@ def _upcast(inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor
     return {n: (t.detach().to(torch.float64) if t is not None else None) for n, t in inputs.items()}
 
 
-def _backward(outputs: Tensors, leaves: Tensors, cots: Tensors, ctx: PropertyContext | None) -> dict[str, torch.Tensor | None]:
+def _backward(outputs: Tensors, leaves: Tensors, cots: Tensors) -> dict[str, torch.Tensor | None]:
     outs = [outputs[n] for n in cots]
     cot = [cots[n].to(device=outputs[n].device, dtype=outputs[n].dtype) for n in cots]
     keep = [i for i, o in enumerate(outs) if o.requires_grad]
     if not keep:
         return {n: None for n in leaves}
     args = ([outs[i] for i in keep], list(leaves.values()), [cot[i] for i in keep])
-    grads = ctx.backward(*args) if ctx else torch.autograd.grad(*args, allow_unused=True)
+    grads = torch.autograd.grad(*args, allow_unused=True)
     return dict(zip(leaves, grads))
 
 
@@ -68,7 +62,7 @@ def reference_forward_backward(ctx: PropertyContext, cots: Tensors | None = None
     with torch.enable_grad():
         outs = fam.reference(inputs, case.kwargs)
         cots = cots if cots is not None else cotangents_for(case, outs)
-        grads = _backward(outs, leaves, {n: c.to(outs[n].device) for n, c in cots.items()}, None)
+        grads = _backward(outs, leaves, {n: c.to(outs[n].device) for n, c in cots.items()})
     return ForwardBackward({n: o.detach() for n, o in outs.items()}, grads), cots
 
 
@@ -78,35 +72,25 @@ def _baseline_forward_backward(ctx: PropertyContext, cots: Tensors) -> ForwardBa
     leaves = {n: inputs[n].requires_grad_() for n in fam.differentiable(case)}
     with torch.enable_grad():
         outs = fam.baseline(inputs, case.kwargs)
-        grads = _backward(outs, leaves, cots, None)
+        grads = _backward(outs, leaves, cots)
     return ForwardBackward({n: o.detach() for n, o in outs.items()}, grads)
 
 
 def run_forward_backward(ctx: PropertyContext, cots: Tensors, inputs: Mapping[str, torch.Tensor | None] | None = None,
                          kwargs: Mapping[str, object] | None = None) -> ForwardBackward:
     """The kernel's outputs and gradients of <cots, outputs> on ``inputs``/``kwargs`` (default: the case's);
-    a detached output is a Violation that says so."""
-    case, fam = ctx.case, ctx.family
-    diff = fam.differentiable(case)
-    inputs = dict(case.inputs if inputs is None else inputs)
-    leaves = {n: inputs[n].detach().requires_grad_() for n in diff}
-    with torch.enable_grad():
-        outs = ctx.call({**inputs, **leaves}, kwargs)
-        _check_shapes(ctx, outs)
-        detached = [n for n in cots if not outs[n].requires_grad]
-        if detached:
-            raise Violation(
-                f"output(s) {', '.join(detached)} do not require grad although inputs {', '.join(diff)} do: the kernel"
-                " returns a detached tensor, so no loss downstream can train through it"
-            )
-        grads = _backward(outs, leaves, cots, ctx)
-    return ForwardBackward({n: o.detach() for n, o in outs.items()}, grads)
+    a detached output is a Violation that says so (see :meth:`PropertyContext.forward_backward`)."""
+    return ctx.forward_backward(cots, inputs, kwargs)
 
 
 def _check_shapes(ctx: PropertyContext, outs: Tensors) -> None:
     for name, spec in ctx.family.output_contract(ctx.case).items():
         if tuple(outs[name].shape) != spec.shape:
             raise Violation(f"out/{name}: shape {tuple(outs[name].shape)} but the contract requires {spec.shape}")
+
+
+def _zero_cotangents(ctx: PropertyContext) -> Tensors:
+    return cotangents_for(ctx.case, {n: torch.zeros(s.shape) for n, s in ctx.family.output_contract(ctx.case).items()})
 
 
 def _value_checks(ctx: PropertyContext, outs: Tensors, ref: Tensors, base: Tensors) -> list[TensorCheck]:
@@ -143,10 +127,19 @@ def _grad_checks(ctx: PropertyContext, got: ForwardBackward, ref: ForwardBackwar
 
 
 def _contract(ctx: PropertyContext) -> None:
-    outs = ctx.call()
-    device = ctx.case.device
+    """Forward and backward in one call, so global settings changed in either are seen; a backward that
+    raises is left to ``gradients``."""
+    case = ctx.case
+    diff = ctx.family.differentiable(case)
+    cots = _zero_cotangents(ctx)
+    outcome = ctx.run(KernelCall(dict(case.inputs), dict(case.kwargs), diff,
+                                 tuple(cots.get(n) for n in ctx.family.output_names)))
+    if outcome.error is not None and outcome.error.phase == "backward":
+        outcome.error = None
+    outs = ctx.named(outcome)
+    device = case.device
     problems = []
-    for name, spec in ctx.family.output_contract(ctx.case).items():
+    for name, spec in ctx.family.output_contract(case).items():
         t = outs[name]
         if tuple(t.shape) != spec.shape:
             problems.append(f"out/{name}: shape {tuple(t.shape)}, the contract requires {spec.shape}")
@@ -155,6 +148,9 @@ def _contract(ctx: PropertyContext) -> None:
             problems.append(f"out/{name}: dtype {t.dtype}, the contract requires {allowed}")
         if t.device != device:
             problems.append(f"out/{name}: device {t.device}, the inputs are on {device}")
+    if ctx.state_changes:
+        problems += [f"global torch state changed by the kernel (restored for the next call): {c}"
+                     for c in dict.fromkeys(ctx.state_changes)]
     if problems:
         raise Violation("outputs break the contract:\n  " + "\n  ".join(problems))
 
@@ -221,10 +217,10 @@ def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage()).clone()
 
 
-def _changed_inputs(tensors: Tensors, before: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+def _changed_inputs(after: Mapping[str, torch.Tensor | None], before: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
     problems = []
-    for n, t in tensors.items():
-        values, storage = before[n]
+    for n, (values, storage) in before.items():
+        t = after[n]
         if not torch.equal(values, t.detach()):
             changed = int((values != t.detach()).sum())
             problems.append(f"{n}: {changed} of {t.numel()} elements changed by the call")
@@ -235,26 +231,28 @@ def _changed_inputs(tensors: Tensors, before: dict[str, tuple[torch.Tensor, torc
 
 def _inputs_unchanged(ctx: PropertyContext) -> None:
     """A plain forward call first (in-place edits of inputs that do not require grad pass autograd's
-    checks), then forward and backward with gradients."""
-    tensors = ctx.case.tensors()
-    before = {n: (t.detach().clone(), _storage_bytes(t)) for n, t in tensors.items()}
-    with torch.no_grad():
-        ctx.call()
-    problems = _changed_inputs(tensors, before)
+    checks), then forward and backward with gradients; the inputs come back from the kernel's process
+    after each call and are compared, storage and all, with copies taken before."""
+    case = ctx.case
+    before = {n: (t.detach().clone(), _storage_bytes(t)) for n, t in case.tensors().items()}
+    outcome = ctx.run(KernelCall(dict(case.inputs), dict(case.kwargs), return_inputs=True))
+    ctx.named(outcome)
+    problems = _changed_inputs(outcome.inputs_after, before)
     if not problems:
-        cots = cotangents_for(ctx.case, {n: torch.zeros(s.shape) for n, s in ctx.family.output_contract(ctx.case).items()})
-        run_forward_backward(ctx, cots)
-        problems = [f"{p} (during forward+backward)" for p in _changed_inputs(tensors, before)]
+        cots = _zero_cotangents(ctx)
+        outcome = ctx.run(KernelCall(dict(case.inputs), dict(case.kwargs), ctx.family.differentiable(case),
+                                     tuple(cots.get(n) for n in ctx.family.output_names), return_inputs=True))
+        ctx.named(outcome)
+        problems = [f"{p} (during forward+backward)" for p in _changed_inputs(outcome.inputs_after, before)]
     if problems:
         raise Violation("the kernel modified its inputs:\n  " + "\n  ".join(problems))
 
 
 def _no_uninit_reads(ctx: PropertyContext) -> None:
     """Poisoned run against the kernel's own ordinary run, so only the effect of the poison is judged."""
-    cots = cotangents_for(ctx.case, {n: torch.zeros(s.shape) for n, s in ctx.family.output_contract(ctx.case).items()})
-    plain = run_forward_backward(ctx, cots)
-    with nan_poisoned_allocations():
-        poisoned = run_forward_backward(ctx, cots)
+    cots = _zero_cotangents(ctx)
+    plain = ctx.forward_backward(cots)
+    poisoned = ctx.forward_backward(cots, poisoned=True)
     dtype = ctx.case.dtype
     checks = [compare(f"out/{n}", poisoned.outputs[n], plain.outputs[n], tolerance(Kind.VALUE, dtype), dtype=dtype)
               for n in plain.outputs]

@@ -16,6 +16,7 @@ from iqa_verify.outcomes import Status
 from iqa_verify.profiles import Profile, Size
 from iqa_verify.registry import family
 from iqa_verify.runner import RunConfig, check
+from iqa_verify.supervisor import InProcess
 from iqa_verify.triton.mode import unavailable_reason
 from tests.bug_zoo.planted import assert_caught
 
@@ -40,7 +41,7 @@ def _device() -> torch.device:
 def _verdict(impl: str, dtype: str, only: tuple[str, ...]):
     fam = family("la-forward")
     kernel = getattr(zoo, impl.rsplit(":", 1)[-1])
-    cfg = RunConfig(fam, kernel, impl, getattr(torch, dtype), _device(), ZOO_PROFILE, seed=0)
+    cfg = RunConfig(fam, kernel, impl, getattr(torch, dtype), _device(), ZOO_PROFILE, seed=0, isolation=InProcess())
     return {r.property_id: r for r in check(cfg, only=only).results}
 
 

@@ -18,6 +18,7 @@ from iqa_verify.outcomes import Status
 from iqa_verify.profiles import profile_named
 from iqa_verify.registry import family
 from iqa_verify.runner import RunConfig, check, run_property
+from iqa_verify.supervisor import InProcess
 from iqa_verify.tolerances import Kind, tolerance
 from iqa_verify.comparison import compare
 from properties.iqa.cases import ACCEPT_TOL, IQACase, Regime, built_inputs, iqa_cases, pinned_iqa_cases
@@ -82,7 +83,7 @@ def test_declared_approximation_passes_and_its_gap_is_reported() -> None:
 def test_plain_kernel_without_stats_passes_honesty_with_a_note_saying_so() -> None:
     r = run_property(
         RunConfig(family("iqa"), load_kernel("tests/bug_zoo/iqa.py:scale_ignored"), "plain", torch.float32,
-                  torch.device("cpu"), CI, 0),
+                  torch.device("cpu"), CI, 0, isolation=InProcess()),
         family("iqa").property("iqa/convergence-honesty"),
     )
     assert r.status is Status.PASSED and any("reports no solver stats" in c.note for c in r.worst)

@@ -17,6 +17,7 @@ from iqa_verify.poison import nan_poisoned_allocations
 from iqa_verify.profiles import profile_named
 from iqa_verify.registry import family
 from iqa_verify.runner import RunConfig, check, run_property
+from iqa_verify.supervisor import InProcess
 from properties.la_forward.cases import LACase
 from tests.bug_zoo import la_forward as zoo
 
@@ -27,7 +28,7 @@ SIGNATURE = "la_forward(q, k, v, g, initial_state=None, *, scale=1.0) -> (o, fin
 
 
 def _cfg(kernel, name: str = "tests/test_runner.py:kernel", *, seed: int = 0, fam=FAM) -> RunConfig:
-    return RunConfig(fam, kernel, name, torch.float32, torch.device("cpu"), CI, seed=seed)
+    return RunConfig(fam, kernel, name, torch.float32, torch.device("cpu"), CI, seed=seed, isolation=InProcess())
 
 
 def _zoo(name: str) -> RunConfig:

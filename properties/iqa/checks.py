@@ -36,7 +36,7 @@ from properties.iqa.judging import (
     reference_grads,
     values_of,
 )
-from properties.iqa.kernels import kernel_info
+from properties.iqa.kernels import claims, forward_stats, has_stats
 from reference.iqa import iqa_jacobian_y_ref, iqa_map_ref
 
 __all__ = ["iqa_properties", "note", "tolerating_refusal"]
@@ -257,7 +257,7 @@ def _diagnose(ctx: PropertyContext, got: ForwardBackward, y_star: torch.Tensor, 
 
 
 def _gradients(ctx: PropertyContext) -> None:
-    info = kernel_info(ctx.kernel)
+    info = ctx.extra(claims)
     got, g = _kernel_grads(ctx)
     rp = ref_point(ctx.case, got.outputs["y"])
     if not _require_point(ctx, rp, "gradients"):
@@ -281,7 +281,7 @@ def _gradients(ctx: PropertyContext) -> None:
 
 
 def _gradient_gap(ctx: PropertyContext) -> None:
-    info = kernel_info(ctx.kernel)
+    info = ctx.extra(claims)
     if info.exact:
         note(ctx, "grad", f"{info.describe_backward()}: judged by iqa/gradients (no approximation to quantify)")
         return
@@ -299,28 +299,14 @@ def _gradient_gap(ctx: PropertyContext) -> None:
                                     f" relative to ‖all implicit grads‖ {gap / max(total, 1e-300):.3e} (reported, not judged)")
 
 
-def _stated_tol(forward, iterate: torch.Tensor) -> float:
-    tol = getattr(forward, "tol", None)
-    if tol is None:
-        tol = getattr(getattr(forward, "solver", None), "tol", None)
-    return float(tol) if tol is not None else default_tol(iterate.dtype)
-
-
 def _convergence_honesty(ctx: PropertyContext) -> None:
-    info = kernel_info(ctx.kernel)
-    if info.with_stats is None:
+    if not ctx.extra(has_stats):
         note(ctx, "stats", "the kernel reports no solver stats (no `iqa_info.with_stats`): nothing to cross-check;"
                            " its output's residual is judged by iqa/fixed-point")
         return
     case = ctx.case
-    try:
-        with torch.no_grad():
-            _, stats = info.with_stats(*case.inputs.values(), **case.kwargs)
-    except Exception as exc:
-        raise KernelRaised(f"kernel's with_stats raised {type(exc).__name__}: {exc}") from exc
-    fwd = stats.forward
-    y_it = fwd.y.detach()
-    tol = _stated_tol(fwd, y_it)
+    stats = ctx.extra(forward_stats, dict(case.inputs), dict(case.kwargs))
+    y_it, tol = stats["y"], stats["tol"]
     slack = tolerance(Kind.RESIDUAL, y_it.dtype if y_it.dtype in (F64, torch.float32) else torch.float32).atol
     i = inputs64(case)
     y64 = y_it.to(F64)
@@ -328,13 +314,12 @@ def _convergence_honesty(ctx: PropertyContext) -> None:
     v = values_of(case)
     den = torch.maximum(y64.flatten(1).norm(dim=1), v.flatten(1).norm(dim=1)).clamp_min(torch.finfo(F64).tiny)
     resid = (fy - y64).flatten(1).norm(dim=1) / den
-    claimed = torch.as_tensor(fwd.converged, dtype=torch.bool).reshape(-1).cpu()
+    claimed = stats["converged"]
     lying = claimed & ~(resid <= tol + slack)
     problems = [f"batch element {b}: reported converged, but the recomputed relative residual ‖f(y) - y‖/max(‖y‖, ‖V‖)"
                 f" of its iterate is {float(resid[b]):.3e} > stated tol {tol:.1e} (+ {slack:.0e} float64 recomputation"
                 f" slack, tolerances.TABLE[residual])" for b in torch.nonzero(lying).flatten().tolist()]
-    outcome = getattr(fwd, "outcome", None)
-    if outcome is not None and getattr(outcome, "name", "") == "CONVERGED" and not bool(claimed.all()):
+    if stats["outcome"] == "CONVERGED" and not bool(claimed.all()):
         problems.append(f"outcome CONVERGED but only {int(claimed.sum())}/{claimed.numel()} batch elements converged")
     if problems:
         raise Violation("reported convergence is not honest:\n  " + "\n  ".join(problems))

@@ -121,7 +121,7 @@ def reference_grads(case: Case, y_star: torch.Tensor, g: torch.Tensor, mode: Bac
 def convergence_refusal(ctx: PropertyContext, exc: KernelRaised) -> str | None:
     """In the HARD regime a kernel may refuse honestly: an exception whose class name says it did not
     converge (e.g. :class:`~iqa_verify.iqa.solvers.ConvergenceError`). Returns a note, or None."""
-    cause = exc.__cause__
-    if ctx.case.spec.kind is Regime.HARD and cause is not None and "convergence" in type(cause).__name__.lower():
-        return f"the kernel raised {type(cause).__name__} (an honest refusal in the hard regime): {cause}"
+    kind = exc.error_type
+    if ctx.case.spec.kind is Regime.HARD and "convergence" in kind.lower():
+        return f"the kernel raised {kind} (an honest refusal in the hard regime): {exc.message}"
     return None

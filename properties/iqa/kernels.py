@@ -102,3 +102,36 @@ iqa_forward_anderson_truncated = declare(
     Anderson(), Truncated(5), "iqa_forward_anderson_truncated",
     "Anderson forward; declared truncated backprop through 5 applications of f at y* (an approximation).",
 )
+
+
+# -- calls made beside the kernel, in the kernel's process (ExtraCall functions: data in, data out) --------
+
+
+def claims(kernel: Callable[..., Any]) -> IqaKernelInfo:
+    """What the kernel says of itself, as data: its backward mode (``with_stats`` dropped; see
+    :func:`has_stats` and :func:`forward_stats`)."""
+    return IqaKernelInfo(backward=kernel_info(kernel).backward)
+
+
+def has_stats(kernel: Callable[..., Any]) -> bool:
+    return kernel_info(kernel).with_stats is not None
+
+
+def forward_stats(kernel: Callable[..., Any], inputs: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The kernel's ``with_stats`` call on ``inputs``: its iterate ``y``, ``converged`` [B] and the stated
+    tolerance (``tol``, else ``solver.tol``, else the solver default for the iterate's dtype), and the outcome's name."""
+    import torch
+
+    from iqa_verify.iqa.solvers import default_tol
+
+    with torch.no_grad():
+        _, stats = kernel_info(kernel).with_stats(*inputs.values(), **kwargs)
+    fwd = stats.forward
+    y = fwd.y.detach()
+    tol = getattr(fwd, "tol", None)
+    if tol is None:
+        tol = getattr(getattr(fwd, "solver", None), "tol", None)
+    outcome = getattr(fwd, "outcome", None)
+    return {"y": y, "converged": torch.as_tensor(fwd.converged, dtype=torch.bool).reshape(-1).cpu(),
+            "tol": float(tol) if tol is not None else default_tol(y.dtype),
+            "outcome": getattr(outcome, "name", None)}

@@ -12,6 +12,7 @@ from iqa_verify.outcomes import PropertyResult, Status
 from iqa_verify.profiles import Profile, profile_named
 from iqa_verify.registry import family
 from iqa_verify.runner import RunConfig, check
+from iqa_verify.supervisor import InProcess
 
 __all__ = ["PlantedBug", "assert_caught"]
 
@@ -40,7 +41,7 @@ def assert_caught(bug: PlantedBug, *, profile: Profile | None = None, device: to
     """Run the properties in ``bug.caught_by`` (ci profile unless given) and assert each fails with a shrunk
     counterexample and a repro line, and that a message says ``bug.says``; returns the results by id."""
     cfg = RunConfig(family(bug.family), kernel or load_kernel(bug.impl), bug.impl, getattr(torch, bug.dtype), device,
-                    profile or profile_named("ci"), seed=0)
+                    profile or profile_named("ci"), seed=0, isolation=InProcess())
     by_id = {r.property_id: r for r in check(cfg, only=bug.caught_by).results}
     for pid in bug.caught_by:
         r = by_id[pid]
