@@ -7,6 +7,8 @@ engine (runner, CLI, pytest plugin, reports) only sees this interface.
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -101,6 +103,19 @@ class NotApplicable(Exception):
         self.reason = reason
 
 
+def digest(tensors: Mapping[str, torch.Tensor | None]) -> tuple:
+    """A memo key for tensors: names, dtypes, layouts and a hash of the values."""
+    key = []
+    for n, t in tensors.items():
+        if t is None:
+            key.append((n, None))
+            continue
+        data = t.detach().to("cpu").contiguous()
+        raw = ctypes.string_at(data.data_ptr(), data.numel() * data.element_size()) if data.numel() else b""
+        key.append((n, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset(), hashlib.sha1(raw).hexdigest()))
+    return tuple(key)
+
+
 @dataclass
 class ForwardBackward:
     """The kernel's (or a reference's) outputs by name and gradients by input name (None: no gradient)."""
@@ -117,7 +132,12 @@ class PropertyContext:
     Every interaction with the kernel goes through :meth:`call`, :meth:`forward_backward`, :meth:`extra`
     and :meth:`accepts`; each returns tensors and data, never the kernel's own objects. ``during`` names
     the property in messages; ``timeout_s`` bounds each call. ``printed`` collects what the kernel printed
-    and ``state_changes`` the global torch settings it left changed (judged by ``contract``)."""
+    and ``state_changes`` the global torch settings it left changed (judged by ``contract``).
+
+    ``memo`` is shared by every property judged on the same case (engine v2: one evaluation per case):
+    the plain forward call, each forward+backward (by its cotangents, poisoned or not) and whatever a
+    property stores with :meth:`memoized` (the reference, a dense analysis) are computed once. Calls on
+    other inputs or keywords, and ``call(fresh=True)``, always run."""
 
     family: Family
     host: KernelHost
@@ -128,18 +148,46 @@ class PropertyContext:
     checks: list[TensorCheck] = field(default_factory=list)
     printed: list[str] = field(default_factory=list)
     state_changes: list[str] = field(default_factory=list)
+    memo: dict[Any, Any] = field(default_factory=dict)
 
-    def run(self, request: KernelCall | ExtraCall) -> CallOutcome:
-        """Run one request on the kernel's host; a dead, killed or hung kernel process is a
-        :class:`KernelCrashed` violation."""
-        try:
-            outcome = self.host.run(request, self.during, self.timeout_s)
-        except KernelDied as died:
-            raise KernelCrashed(died.message) from None
+    def run(self, request: KernelCall | ExtraCall, key: Any = None) -> CallOutcome:
+        """Run one request on the kernel's host (once per case when ``key`` is given: a memo entry); a dead,
+        killed or hung kernel process is a :class:`KernelCrashed` violation, raised again for every
+        property that asks for the same memoized call."""
+        if key is not None and key in self.memo:
+            outcome = self.memo[key]
+        else:
+            try:
+                outcome = self.host.run(request, self.during, self.timeout_s)
+            except KernelDied as died:
+                outcome = KernelCrashed(died.message)
+            if key is not None:
+                self.memo[key] = outcome
+        if isinstance(outcome, KernelCrashed):
+            raise KernelCrashed(outcome.message)
         if outcome.output:
             self.printed.append(outcome.output)
         self.state_changes.extend(outcome.state_changes)
         return outcome
+
+    def memoized(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per case for ``key`` (shared by the properties judging the case)."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
+
+    def forward_outcome(self) -> CallOutcome:
+        """The plain forward call on the case (no gradients), once per case, inputs returned after it."""
+        case = self.case
+        return self.run(KernelCall(dict(case.inputs), dict(case.kwargs), return_inputs=True), ("forward",))
+
+    def forward_backward_outcome(self, cots: Mapping[str, torch.Tensor], *, poisoned: bool = False) -> CallOutcome:
+        """Forward and backward of <cots, outputs> on the case, once per case and cotangents."""
+        case = self.case
+        cot = tuple(cots.get(n) for n in self.family.output_names)
+        request = KernelCall(dict(case.inputs), dict(case.kwargs), self.family.differentiable(case), cot,
+                             poisoned=poisoned, return_inputs=True)
+        return self.run(request, ("forward-backward", poisoned, digest(cots)))
 
     def _inputs_kwargs(self, inputs, kwargs) -> tuple[dict[str, torch.Tensor | None], dict[str, Any]]:
         return dict(self.case.inputs if inputs is None else inputs), dict(self.case.kwargs if kwargs is None else kwargs)
@@ -157,8 +205,11 @@ class PropertyContext:
         return dict(zip(self.family.output_names, outcome.outputs))
 
     def call(self, inputs: Mapping[str, torch.Tensor | None] | None = None,
-             kwargs: Mapping[str, Any] | None = None) -> Tensors:
-        """One forward call on ``inputs`` (default: the case's) with ``kwargs`` (default: the case's)."""
+             kwargs: Mapping[str, Any] | None = None, *, fresh: bool = False) -> Tensors:
+        """One forward call on ``inputs`` (default: the case's) with ``kwargs`` (default: the case's); on the
+        case itself the call is shared by the properties (see ``memo``) unless ``fresh``."""
+        if inputs is None and kwargs is None and not fresh:
+            return self.named(self.forward_outcome())
         args, kw = self._inputs_kwargs(inputs, kwargs)
         return self.named(self.run(KernelCall(args, kw)))
 
@@ -166,10 +217,13 @@ class PropertyContext:
                          kwargs: Mapping[str, Any] | None = None, *, poisoned: bool = False) -> ForwardBackward:
         """Outputs and the gradients of <cots, outputs> w.r.t. the family's differentiable inputs. Cotangents
         keep their layout (strides) on the way to the kernel. A detached output is a Violation that says so."""
-        args, kw = self._inputs_kwargs(inputs, kwargs)
         diff = self.family.differentiable(self.case)
-        cot = tuple(cots.get(n) for n in self.family.output_names)
-        outcome = self.run(KernelCall(args, kw, diff, cot, poisoned=poisoned))
+        if inputs is None and kwargs is None:
+            outcome = self.forward_backward_outcome(cots, poisoned=poisoned)
+        else:
+            args, kw = self._inputs_kwargs(inputs, kwargs)
+            cot = tuple(cots.get(n) for n in self.family.output_names)
+            outcome = self.run(KernelCall(args, kw, diff, cot, poisoned=poisoned))
         outs = self.named(outcome)
         for name, spec in self.family.output_contract(self.case).items():
             if tuple(outs[name].shape) != spec.shape:

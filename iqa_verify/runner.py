@@ -83,68 +83,144 @@ class RunConfig:
 
 
 class _Failed(Exception):
-    def __init__(self, spec: Any, shapes: str, violation: Violation, checks: list[TensorCheck], inputs: dict) -> None:
+    def __init__(self, prop: Property, spec: Any, shapes: str, violation: Violation, checks: list[TensorCheck],
+                 inputs: dict) -> None:
         super().__init__(violation.message)
-        self.spec, self.shapes, self.violation, self.checks, self.inputs = spec, shapes, violation, checks, inputs
+        self.prop, self.spec, self.shapes, self.violation, self.checks, self.inputs = (
+            prop, spec, shapes, violation, checks, inputs)
 
 
-class _Search:
-    """State of one property's search: examples run, worst passing ratio, failures seen while shrinking."""
+@dataclass
+class _Passed:
+    checks: tuple[TensorCheck, ...]
 
-    def __init__(self, cfg: RunConfig, prop: Property, progress: Progress | None, host: KernelHost) -> None:
-        self.cfg, self.prop, self.progress, self.host = cfg, prop, progress, host
+
+@dataclass
+class _Inapplicable:
+    reason: str
+
+
+@dataclass
+class _Broken:
+    traceback: str
+
+
+_Judgement = _Passed | _Failed | _Inapplicable | _Broken
+
+
+class _Stats:
+    """One property's account over the search: examples judged, worst ratio, each example's ratio."""
+
+    def __init__(self) -> None:
         self.examples = 0
         self.worst_ratio: float | None = None
         self.worst: tuple[TensorCheck, ...] = ()
         self.ratios: list[float] = []
-        self.failures: dict[Any, _Failed] = {}
-        self.first_failure_at: float | None = None
+        self.pinned_failure: _Failed | None = None
+
+    def add(self, judgement: _Judgement) -> None:
+        self.examples += 1
+        if isinstance(judgement, _Failed):
+            self.ratios.append(max((c.ratio for c in judgement.checks), default=float("inf")))
+            return
+        if not isinstance(judgement, _Passed):
+            return
+        ratios = [c.ratio for c in judgement.checks]
+        if ratios:
+            self.ratios.append(max(ratios))
+            if self.worst_ratio is None or max(ratios) > self.worst_ratio:
+                self.worst_ratio, self.worst = max(ratios), judgement.checks
+
+
+class _Search:
+    """One search for every selected property of one kernel x family x dtype: each case is built once,
+    the kernel evaluated once (plus the few calls determinism and poisoning need) and the reference
+    computed once (a memo shared by the properties judging that case), and every property still open is
+    judged on it. The first property to fail becomes the shrink target: candidates are then judged for it
+    alone until it is shrunk; the search then goes on for the others (cases already judged are not run again).
+    """
+
+    def __init__(self, cfg: RunConfig, props: Sequence[Property], progress: Progress | None, host: KernelHost) -> None:
+        self.cfg, self.progress, self.host = cfg, progress, host
+        self.props = list(props)
+        self.stats = {p.id: _Stats() for p in self.props}
+        self.judged: dict[Any, dict[str, _Judgement]] = {}
+        self.open: list[Property] = list(self.props)
+        self.target: Property | None = None
+        self.target_since: float | None = None
+        self.target_failures: dict[Any, _Failed] = {}
         self.started = time.monotonic()
         self.budget_reached = False
+        self.cases = 0
 
+    # -- budgets ------------------------------------------------------------------------------------
     def _over_time_budget(self) -> bool:
         budget = self.cfg.time_budget_s
-        return (budget is not None and self.examples >= 1 and self.first_failure_at is None
-                and time.monotonic() - self.started > budget)
+        return (budget is not None and self.cases >= 1 and self.target is None
+                and time.monotonic() - self.started > budget * len(self.props))
 
     def _over_shrink_budget(self) -> bool:
-        return self.first_failure_at is not None and (
-            time.monotonic() - self.first_failure_at > self.cfg.profile.shrink_budget_s
-        )
+        return self.target_since is not None and (
+            time.monotonic() - self.target_since > self.cfg.profile.shrink_budget_s)
+
+    # -- judging ------------------------------------------------------------------------------------
+    def judge(self, spec: Any, props: Sequence[Property]) -> dict[str, _Judgement]:
+        """Judgements of ``props`` on ``spec``; a case already judged for a property is not run again."""
+        done = self.judged.setdefault(spec, {})
+        todo = [p for p in props if p.id not in done]
+        if todo:
+            cfg = self.cfg
+            self.cases += 1
+            if self.progress:
+                self.progress(todo[0].id if len(todo) == 1 else f"{len(todo)} properties", self.cases)
+            case = cfg.family.build(spec, cfg.dtype, cfg.device)
+            memo: dict[Any, Any] = {}
+            for prop in todo:
+                done[prop.id] = self._judge_one(prop, case, memo)
+                self.stats[prop.id].add(done[prop.id])
+        return {p.id: done[p.id] for p in props}
+
+    def _judge_one(self, prop: Property, case: Any, memo: dict[Any, Any]) -> _Judgement:
+        cfg = self.cfg
+        ctx = PropertyContext(family=cfg.family, host=self.host, kernel_name=cfg.kernel_name, case=case,
+                              during=prop.id, timeout_s=cfg.example_timeout_s, memo=memo)
+        try:
+            prop.check(ctx)
+        except Violation as v:
+            if ctx.printed:
+                v = Violation(f"{v.message}\n{_printed(ctx.printed)}", v.checks)
+            return _Failed(prop, case.spec, case.shapes(), v, list(v.checks or ctx.checks), case.inputs)
+        except NotApplicable as na:
+            return _Inapplicable(na.reason)
+        except KeyboardInterrupt:
+            raise
+        except Exception:
+            return _Broken(traceback.format_exc())
+        return _Passed(tuple(ctx.checks))
 
     def run_one(self, spec: Any) -> None:
-        if self._over_shrink_budget():
-            # Settle: replay known failures without re-running, call every new candidate a pass.
-            if spec in self.failures:
-                raise self.failures[spec]
+        """Hypothesis' test function."""
+        if self.target is not None:
+            if self._over_shrink_budget():
+                # Settle: replay known failures without re-running, call every new candidate a pass.
+                if spec in self.target_failures:
+                    raise self.target_failures[spec]
+                return
+            j = self.judge(spec, [self.target])[self.target.id]
+            if isinstance(j, _Failed):
+                self.target_failures[spec] = j
+                raise j
             return
         if self._over_time_budget():  # no new example: Hypothesis runs out its remaining draws at no cost
             self.budget_reached = True
             return
-        self.examples += 1
-        if self.progress:
-            self.progress(self.prop.id, self.examples)
-        cfg = self.cfg
-        case = cfg.family.build(spec, cfg.dtype, cfg.device)
-        ctx = PropertyContext(family=cfg.family, host=self.host, kernel_name=cfg.kernel_name, case=case,
-                              during=self.prop.id, timeout_s=cfg.example_timeout_s)
-        try:
-            self.prop.check(ctx)
-        except Violation as v:
-            if ctx.printed:
-                v = Violation(f"{v.message}\n{_printed(ctx.printed)}", v.checks)
-            failed = _Failed(spec, case.shapes(), v, list(v.checks or ctx.checks), case.inputs)
-            self.ratios.append(max((c.ratio for c in failed.checks), default=float("inf")))
-            self.failures[spec] = failed
-            if self.first_failure_at is None:
-                self.first_failure_at = time.monotonic()
-            raise failed from None
-        ratios = [c.ratio for c in ctx.checks]
-        if ratios:
-            self.ratios.append(max(ratios))
-        if ratios and (self.worst_ratio is None or max(ratios) > self.worst_ratio):
-            self.worst_ratio = max(ratios)
-            self.worst = tuple(ctx.checks)
+        judgements = self.judge(spec, self.open)
+        for prop in self.open:
+            j = judgements[prop.id]
+            if isinstance(j, _Failed):
+                self.target, self.target_since = prop, time.monotonic()
+                self.target_failures = {spec: j}
+                raise j
 
 
 def _printed(chunks: Sequence[str], limit: int = 2000) -> str:
@@ -183,78 +259,114 @@ def _counterexample(cfg: RunConfig, prop: Property, failed: _Failed, note: str =
     )
 
 
+def _settings(cfg: RunConfig):
+    return settings(
+        max_examples=cfg.profile.max_examples,
+        database=None,
+        deadline=None,
+        derandomize=False,
+        verbosity=Verbosity.quiet,
+        report_multiple_bugs=False,
+        print_blob=False,
+        suppress_health_check=list(HealthCheck),
+        phases=(Phase.generate, Phase.shrink),
+    )
+
+
+def _search(cfg: RunConfig, props: Sequence[Property], host: KernelHost, results: dict[str, PropertyResult], *,
+            case_json: str | None, progress: Progress | None,
+            on_result: Callable[[PropertyResult], None] | None) -> None:
+    """Fill ``results`` with those of ``props`` as they finish (failures as they are shrunk, passes at the
+    end), so that what finished is there when a KeyboardInterrupt propagates."""
+    search = _Search(cfg, props, progress, host)
+    started = time.monotonic()
+
+    def finish(prop: Property, status: Status, counterexample: Counterexample | None = None, **kw: Any) -> None:
+        st = search.stats[prop.id]
+        worst_ratio, worst = st.worst_ratio, st.worst
+        if counterexample is not None:  # the failing example is the worst one
+            worst = counterexample.checks
+            worst_ratio = max((c.ratio for c in worst), default=float("inf"))
+        results[prop.id] = PropertyResult(
+            property_id=prop.id, title=prop.title, status=status, examples=st.examples,
+            seconds=time.monotonic() - started, worst_ratio=worst_ratio, worst=worst, counterexample=counterexample,
+            ratios=tuple(st.ratios), budget_reached=search.budget_reached and status is Status.PASSED, **kw)
+        search.open = [p for p in search.open if p.id != prop.id]
+        if on_result:
+            on_result(results[prop.id])
+
+    def settle_inapplicable_and_broken() -> None:
+        for prop in list(search.open):
+            for spec_judgements in search.judged.values():
+                j = spec_judgements.get(prop.id)
+                if isinstance(j, _Broken):
+                    finish(prop, Status.ERROR, error=j.traceback)
+                    break
+                if isinstance(j, _Inapplicable):
+                    finish(prop, Status.NOT_APPLICABLE, note=j.reason)
+                    break
+
+    if case_json is not None:
+        spec = cfg.family.spec_from_json(case_json)
+        for prop in props:
+            j = search.judge(spec, [prop])[prop.id]
+            if isinstance(j, _Failed):
+                finish(prop, Status.FAILED, _counterexample(cfg, prop, j))
+        settle_inapplicable_and_broken()
+        for prop in list(search.open):
+            finish(prop, Status.PASSED)
+        return
+
+    # Pinned edge regimes first, for every property; they are not shrunk by Hypothesis, so a property that
+    # fails on one stays open in the random search, which may find (and shrink) a smaller counterexample.
+    for spec in cfg.family.pinned(cfg.profile):
+        for pid, j in search.judge(spec, search.open).items():
+            if isinstance(j, _Failed) and search.stats[pid].pinned_failure is None:
+                search.stats[pid].pinned_failure = j
+        settle_inapplicable_and_broken()
+    while search.open:
+        search.target = search.target_since = None
+        test = _settings(cfg)(hypothesis_seed(cfg.seed)(given(cfg.family.cases(cfg.profile))(search.run_one)))
+        try:
+            test()
+        except _Failed as failed:
+            finish(failed.prop, Status.FAILED, _counterexample(cfg, failed.prop, failed))
+            settle_inapplicable_and_broken()
+            continue
+        except Flaky:
+            prop = search.target
+            last = list(search.target_failures.values())[-1] if search.target_failures else None
+            if prop is None or last is None:
+                raise
+            note = "the failure did not reproduce when replayed (non-deterministic kernel); first failure: "
+            finish(prop, Status.FAILED, _counterexample(cfg, prop, last, note))
+            continue
+        settle_inapplicable_and_broken()
+        break
+    for prop in list(search.open):
+        pinned = search.stats[prop.id].pinned_failure
+        if pinned is not None:
+            note = "fails on a pinned edge regime (random search found no smaller case): "
+            finish(prop, Status.FAILED, _counterexample(cfg, prop, pinned, note))
+        else:
+            finish(prop, Status.PASSED)
+
+
 def run_property(
     cfg: RunConfig, prop: Property, *, case_json: str | None = None, progress: Progress | None = None,
     host: KernelHost | None = None,
 ) -> PropertyResult:
-    """Search for a counterexample to ``prop``; replay exactly one case when ``case_json`` is given."""
+    """Search for a counterexample to ``prop`` alone; replay exactly one case when ``case_json`` is given."""
     cpu_share.apply()
     host = host or host_for(cfg.kernel_name, cfg.isolation, cfg.kernel)
-    search = _Search(cfg, prop, progress, host)
-    started = time.monotonic()
-
-    def result(status: Status, counterexample: Counterexample | None = None, **kw: Any) -> PropertyResult:
-        worst_ratio, worst = search.worst_ratio, search.worst
-        if counterexample is not None:  # the failing example is the worst one
-            worst = counterexample.checks
-            worst_ratio = max((c.ratio for c in worst), default=float("inf"))
-        return PropertyResult(
-            property_id=prop.id,
-            title=prop.title,
-            status=status,
-            examples=search.examples,
-            seconds=time.monotonic() - started,
-            worst_ratio=worst_ratio,
-            worst=worst,
-            counterexample=counterexample,
-            ratios=tuple(search.ratios),
-            budget_reached=search.budget_reached,
-            **kw,
-        )
-
-    pinned_failure: _Failed | None = None
+    results: dict[str, PropertyResult] = {}
     try:
-        if case_json is not None:
-            search.run_one(cfg.family.spec_from_json(case_json))
-        else:
-            # Pinned edge regimes first; they are not shrunk by Hypothesis, so on a failure the random
-            # search below still runs to find (and shrink) a smaller counterexample.
-            for spec in cfg.family.pinned(cfg.profile):
-                try:
-                    search.run_one(spec)
-                except _Failed as failed:
-                    pinned_failure = failed
-                    break
-            test = settings(
-                max_examples=cfg.profile.max_examples,
-                database=None,
-                deadline=None,
-                derandomize=False,
-                verbosity=Verbosity.quiet,
-                report_multiple_bugs=False,
-                print_blob=False,
-                suppress_health_check=list(HealthCheck),
-                phases=(Phase.generate, Phase.shrink),
-            )(hypothesis_seed(cfg.seed)(given(cfg.family.cases(cfg.profile))(search.run_one)))
-            test()
-    except _Failed as failed:
-        return result(Status.FAILED, counterexample=_counterexample(cfg, prop, failed))
-    except NotApplicable as na:
-        return result(Status.NOT_APPLICABLE, note=na.reason)
-    except Flaky:
-        last = list(search.failures.values())[-1] if search.failures else None
-        if last is None:
-            return result(Status.ERROR, error=traceback.format_exc())
-        note = "the failure did not reproduce when replayed (non-deterministic kernel); first failure: "
-        return result(Status.FAILED, counterexample=_counterexample(cfg, prop, last, note))
+        _search(cfg, [prop], host, results, case_json=case_json, progress=progress, on_result=None)
+        return results[prop.id]
     except KeyboardInterrupt:
         raise
     except Exception:
-        return result(Status.ERROR, error=traceback.format_exc())
-    if pinned_failure is not None:
-        note = "fails on a pinned edge regime (random search found no smaller case): "
-        return result(Status.FAILED, counterexample=_counterexample(cfg, prop, pinned_failure, note))
-    return result(Status.PASSED)
+        return PropertyResult(prop.id, prop.title, Status.ERROR, 0, 0.0, error=traceback.format_exc())
 
 
 def check(
@@ -266,7 +378,8 @@ def check(
     progress: Progress | None = None,
     on_result: Callable[[PropertyResult], None] | None = None,
 ) -> Verdict:
-    """Run every property of ``cfg.family`` (or those in ``only``, less ``skip``) against the kernel."""
+    """Run every property of ``cfg.family`` (or those in ``only``, less ``skip``) against the kernel, in
+    one search (see :class:`_Search`). Ctrl-C returns what finished, marked incomplete."""
     for pid in [*only, *skip]:
         cfg.family.property(pid)  # KeyError naming the valid ids
     verdict = Verdict(
@@ -279,16 +392,20 @@ def check(
         time_budget_s=cfg.time_budget_s,
     )
     host = host_for(cfg.kernel_name, cfg.isolation, cfg.kernel)  # a kernel that cannot load: IqaVerifyError
+    cpu_share.apply()
+    selected = [p for p in cfg.family.properties if not ((only and p.id not in only) or p.id in skip)]
+    results: dict[str, PropertyResult] = {}
+    try:
+        _search(cfg, selected, host, results, case_json=case_json, progress=progress, on_result=on_result)
+    except KeyboardInterrupt:
+        verdict.complete = False
+    except Exception:
+        err = traceback.format_exc()
+        for p in selected:
+            results.setdefault(p.id, PropertyResult(p.id, p.title, Status.ERROR, 0, 0.0, error=err))
     for prop in cfg.family.properties:
-        if (only and prop.id not in only) or prop.id in skip:
-            res = PropertyResult(prop.id, prop.title, Status.SKIPPED, 0, 0.0)
-        else:
-            try:
-                res = run_property(cfg, prop, case_json=case_json, progress=progress, host=host)
-            except KeyboardInterrupt:
-                verdict.complete = False
-                break
-        verdict.results.append(res)
-        if on_result:
-            on_result(res)
+        if prop.id in results:
+            verdict.results.append(results[prop.id])
+        elif prop not in selected:
+            verdict.results.append(PropertyResult(prop.id, prop.title, Status.SKIPPED, 0, 0.0))
     return verdict

@@ -96,6 +96,9 @@ class _InProcessHost(KernelHost):
         self.impl, self.kernel = impl, kernel
 
     def run(self, request: KernelCall | ExtraCall, during: str, timeout_s: float) -> CallOutcome:
+        if isinstance(request, KernelCall):  # the kernel gets its own copies (layouts kept), as in a worker
+            fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
+            request = KernelCall(**wire.unpack(*wire.pack(fields)))
         return execute(self.kernel, request, interrupts_are_kernel=False)
 
 

@@ -11,18 +11,24 @@ ids are ``<family>/<name>``:
 - ``inputs-unchanged``: every input's storage is bitwise the same after forward and backward.
 - ``no-uninit-reads``: with NaN-poisoned ``torch.empty*`` allocations, values and gradients equal those of an
   ordinary call of the same kernel.
-- ``deterministic``: two forward calls on the same input agree bitwise.
+- ``deterministic``: two forward+backward calls on the same input agree bitwise, outputs and gradients
+  (the second is the NaN-poisoned call of ``no-uninit-reads``: a correct kernel writes all it reads, so
+  poisoning changes nothing bitwise).
+
+Every property judges the shared evaluation of the case (:class:`~iqa_verify.family.PropertyContext`'s
+memo): three kernel calls per case in all (a plain forward, a forward+backward, and the same poisoned),
+one float64 reference and one same-precision baseline.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
 
 from iqa_verify.comparison import TensorCheck, compare
-from iqa_verify.execution import KernelCall
-from iqa_verify.family import Case, ForwardBackward, Property, PropertyContext, Violation
+from iqa_verify.family import Case, ForwardBackward, Property, PropertyContext, Violation, digest
 from iqa_verify.tolerances import Kind, tolerance
 
 __all__ = [
@@ -55,18 +61,34 @@ def _backward(outputs: Tensors, leaves: Tensors, cots: Tensors) -> dict[str, tor
 
 
 def reference_forward_backward(ctx: PropertyContext, cots: Tensors | None = None) -> tuple[ForwardBackward, Tensors]:
-    """float64 reference outputs and gradients of <cotangents, outputs>; returns (result, cotangents)."""
+    """float64 reference outputs and gradients of <cotangents, outputs>; returns (result, cotangents).
+    Once per case and cotangents (shared by the properties)."""
+    if cots is None:
+        cots = standard_cotangents(ctx)
+    return ctx.memoized(("reference", digest(cots)), lambda: _reference_forward_backward(ctx, cots))
+
+
+def standard_cotangents(ctx: PropertyContext) -> Tensors:
+    """The case's cotangents (one per output, seeded by the case), once per case."""
+    return ctx.memoized(("cotangents",), lambda: _zero_cotangents(ctx))
+
+
+def _reference_forward_backward(ctx: PropertyContext, cots: Tensors) -> tuple[ForwardBackward, Tensors]:
     case, fam = ctx.case, ctx.family
     inputs = _upcast(case.inputs)
     leaves = {n: inputs[n].requires_grad_() for n in fam.differentiable(case)}
     with torch.enable_grad():
         outs = fam.reference(inputs, case.kwargs)
-        cots = cots if cots is not None else cotangents_for(case, outs)
         grads = _backward(outs, leaves, {n: c.to(outs[n].device) for n, c in cots.items()})
     return ForwardBackward({n: o.detach() for n, o in outs.items()}, grads), cots
 
 
 def _baseline_forward_backward(ctx: PropertyContext, cots: Tensors) -> ForwardBackward:
+    """The same-precision baseline's outputs and gradients, once per case and cotangents."""
+    return ctx.memoized(("baseline", digest(cots)), lambda: _baseline_fb(ctx, cots))
+
+
+def _baseline_fb(ctx: PropertyContext, cots: Tensors) -> ForwardBackward:
     case, fam = ctx.case, ctx.family
     inputs = {n: (t.detach() if t is not None else None) for n, t in case.inputs.items()}
     leaves = {n: inputs[n].requires_grad_() for n in fam.differentiable(case)}
@@ -127,15 +149,12 @@ def _grad_checks(ctx: PropertyContext, got: ForwardBackward, ref: ForwardBackwar
 
 
 def _contract(ctx: PropertyContext) -> None:
-    """Forward and backward in one call, so global settings changed in either are seen; a backward that
-    raises is left to ``gradients``."""
+    """Judged on the shared forward+backward call, so global settings changed in either half are seen; a
+    backward that raises is left to ``gradients``."""
     case = ctx.case
-    diff = ctx.family.differentiable(case)
-    cots = _zero_cotangents(ctx)
-    outcome = ctx.run(KernelCall(dict(case.inputs), dict(case.kwargs), diff,
-                                 tuple(cots.get(n) for n in ctx.family.output_names)))
+    outcome = ctx.forward_backward_outcome(standard_cotangents(ctx))
     if outcome.error is not None and outcome.error.phase == "backward":
-        outcome.error = None
+        outcome = dataclasses.replace(outcome, error=None)
     outs = ctx.named(outcome)
     device = case.device
     problems = []
@@ -158,11 +177,9 @@ def _contract(ctx: PropertyContext) -> None:
 def _values(ctx: PropertyContext) -> None:
     outs = ctx.call()
     _check_shapes(ctx, outs)
-    case, fam = ctx.case, ctx.family
-    with torch.no_grad():
-        ref = fam.reference(_upcast(case.inputs), case.kwargs)
-        base = fam.baseline({n: (t.detach() if t is not None else None) for n, t in case.inputs.items()}, case.kwargs)
-    ctx.require(_value_checks(ctx, outs, ref, base), "values differ from the float64 reference")
+    ref, cots = reference_forward_backward(ctx)
+    base = _baseline_forward_backward(ctx, cots)
+    ctx.require(_value_checks(ctx, outs, ref.outputs, base.outputs), "values differ from the float64 reference")
 
 
 def _gradients(ctx: PropertyContext) -> None:
@@ -230,27 +247,26 @@ def _changed_inputs(after: Mapping[str, torch.Tensor | None], before: dict[str, 
 
 
 def _inputs_unchanged(ctx: PropertyContext) -> None:
-    """A plain forward call first (in-place edits of inputs that do not require grad pass autograd's
-    checks), then forward and backward with gradients; the inputs come back from the kernel's process
-    after each call and are compared, storage and all, with copies taken before."""
+    """The plain forward call (in-place edits of inputs that do not require grad pass autograd's checks) and
+    the forward+backward call: the kernel's copies of the inputs come back after each and are compared,
+    storage and all (memory outside a non-contiguous view too), with the case's."""
     case = ctx.case
-    before = {n: (t.detach().clone(), _storage_bytes(t)) for n, t in case.tensors().items()}
-    outcome = ctx.run(KernelCall(dict(case.inputs), dict(case.kwargs), return_inputs=True))
+    before = {n: (t.detach(), _storage_bytes(t)) for n, t in case.tensors().items()}
+    outcome = ctx.forward_outcome()
     ctx.named(outcome)
     problems = _changed_inputs(outcome.inputs_after, before)
     if not problems:
-        cots = _zero_cotangents(ctx)
-        outcome = ctx.run(KernelCall(dict(case.inputs), dict(case.kwargs), ctx.family.differentiable(case),
-                                     tuple(cots.get(n) for n in ctx.family.output_names), return_inputs=True))
+        outcome = ctx.forward_backward_outcome(standard_cotangents(ctx))
+        if outcome.inputs_after is not None:
+            problems = [f"{p} (during forward+backward)" for p in _changed_inputs(outcome.inputs_after, before)]
         ctx.named(outcome)
-        problems = [f"{p} (during forward+backward)" for p in _changed_inputs(outcome.inputs_after, before)]
     if problems:
         raise Violation("the kernel modified its inputs:\n  " + "\n  ".join(problems))
 
 
 def _no_uninit_reads(ctx: PropertyContext) -> None:
     """Poisoned run against the kernel's own ordinary run, so only the effect of the poison is judged."""
-    cots = _zero_cotangents(ctx)
+    cots = standard_cotangents(ctx)
     plain = ctx.forward_backward(cots)
     poisoned = ctx.forward_backward(cots, poisoned=True)
     dtype = ctx.case.dtype
@@ -262,22 +278,31 @@ def _no_uninit_reads(ctx: PropertyContext) -> None:
                         " (the kernel reads memory it never wrote)")
 
 
+def _bitwise_differences(path: str, a: torch.Tensor | None, b: torch.Tensor | None) -> str | None:
+    if a is None or b is None:
+        return None if a is None and b is None else f"{path}: a tensor the first time, None the second (or the reverse)"
+    a, b = a.detach(), b.detach()
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"{path}: {tuple(a.shape)}/{a.dtype} then {tuple(b.shape)}/{b.dtype}"
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+    if bool(same.all()):
+        return None
+    diff = (a.double() - b.double()).abs().nan_to_num(float("inf"))
+    idx = [int(i) for i in torch.nonzero(~same)[0]]
+    return f"{path}: {int((~same).sum())} elements differ, max |diff| {float(diff.max()):.3e}, first at {idx}"
+
+
 def _deterministic(ctx: PropertyContext) -> None:
-    first = ctx.call()
-    second = ctx.call()
-    problems = []
-    for n in first:
-        a, b = first[n].detach(), second[n].detach()
-        if a.shape != b.shape or a.dtype != b.dtype:
-            problems.append(f"out/{n}: {tuple(a.shape)}/{a.dtype} then {tuple(b.shape)}/{b.dtype}")
-            continue
-        same = (a == b) | (torch.isnan(a) & torch.isnan(b))
-        if not bool(same.all()):
-            diff = (a.double() - b.double()).abs().nan_to_num(float("inf"))
-            idx = [int(i) for i in torch.nonzero(~same)[0]]
-            problems.append(f"out/{n}: {int((~same).sum())} elements differ, max |diff| {float(diff.max()):.3e}, first at {idx}")
+    cots = standard_cotangents(ctx)
+    first = ctx.forward_backward(cots)
+    second = ctx.forward_backward(cots, poisoned=True)
+    problems = [_bitwise_differences(f"out/{n}", first.outputs[n], second.outputs[n]) for n in first.outputs]
+    problems += [_bitwise_differences(f"grad/d{n}", first.grads[n], second.grads[n]) for n in first.grads]
+    problems = [p for p in problems if p]
     if problems:
-        raise Violation("two calls on the same input disagree (hidden state or non-determinism):\n  " + "\n  ".join(problems))
+        raise Violation("two calls on the same input disagree (hidden state kept across calls, non-determinism, or"
+                        " reads of memory never written: the second call ran with NaN-filled torch.empty*):\n  "
+                        + "\n  ".join(problems))
 
 
 def shared_properties(family: str) -> tuple[Property, ...]:
@@ -297,6 +322,6 @@ def shared_properties(family: str) -> tuple[Property, ...]:
           "in-place updates of q, k, v, g or the initial state, writes past a view"),
         p("no-uninit-reads", "same results with NaN-poisoned torch.empty* scratch memory", _no_uninit_reads,
           "reads of memory the kernel never wrote (unwritten padding, partial tiles)"),
-        p("deterministic", "two calls on the same input agree bitwise", _deterministic,
-          "state cached across calls, races, uninitialised accumulators"),
+        p("deterministic", "two forward+backward calls on the same input agree bitwise", _deterministic,
+          "state cached across calls, races and atomics (forward and backward), uninitialised accumulators"),
     )
