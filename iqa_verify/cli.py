@@ -44,7 +44,7 @@ from iqa_verify.outcomes import PropertyResult, Status, Verdict
 from iqa_verify.profiles import PROFILES, profile_named
 from iqa_verify.registry import FAMILIES, builtin_kernels, family, optional_kernels, third_party_kernels
 from iqa_verify.report import append_step_summary, summary_rows, write_report
-from iqa_verify.runner import RunConfig, check
+from iqa_verify.runner import DEFAULT_DB, RunConfig, check, example_database
 from iqa_verify.supervisor import InProcess, Isolated, Isolation, close_all, host_for, parse_memory
 
 __all__ = ["main"]
@@ -148,7 +148,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     report_dir = Path(args.report) if args.report else None
     cfg = RunConfig(fam, _kernel(args.impl, isolation), args.impl, DTYPES[args.dtype], parse_device(args.device),
                     profile_named(args.profile), args.seed, report_dir, time_budget_s=_budget(args.time_budget),
-                    isolation=isolation)
+                    isolation=isolation, database=_database(args))
     verdict = _run(cfg, Progress(), only=args.only, skip=args.skip, case=args.case)
     print()
     _print_table([verdict])
@@ -189,7 +189,8 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     progress = Progress()
     verdicts = []
     for d in dtypes:
-        cfg = RunConfig(fam, kernel, args.impl, DTYPES[d], device, profile_named(profile), seed, isolation=isolation)
+        cfg = RunConfig(fam, kernel, args.impl, DTYPES[d], device, profile_named(profile), seed, isolation=isolation,
+                        database=_database(args))
         verdicts.append(_run(cfg, progress))
     print()
     _print_table(verdicts)
@@ -277,7 +278,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
                     k_budget = budget if foreign and device.type == "cpu" else None
                     for dtype_name in dtypes:
                         cfg = RunConfig(fam, kernel, k.impl, DTYPES[dtype_name], device, k_profile, args.seed, out,
-                                        time_budget_s=k_budget, isolation=isolation)
+                                        time_budget_s=k_budget, isolation=isolation, database=_database(args))
                         try:
                             verdict = _unloadable(cfg, unloadable) if unloadable else _run(cfg, progress)
                         except IqaVerifyError as exc:  # its worker could not be restarted
@@ -319,6 +320,10 @@ def _unloadable(cfg: RunConfig, why: str) -> Verdict:
     return verdict
 
 
+def _database(args: argparse.Namespace) -> Path | None:
+    return example_database(args.db, off=args.no_db)
+
+
 def _isolation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--example-timeout", type=float, default=None, metavar="SECONDS",
                    help="seconds one kernel call (forward and backward) may take before the kernel process is"
@@ -326,6 +331,10 @@ def _isolation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="cap the kernel process's address space (e.g. 8G; Linux resource limit), so a runaway"
                         " kernel fails instead of taking the machine down")
+    p.add_argument("--db", default=None, metavar="DIR",
+                   help=f"keep failing examples here and replay them first next time (default {DEFAULT_DB}, or"
+                        " $IQA_VERIFY_DB; cache this folder between CI runs)")
+    p.add_argument("--no-db", action="store_true", help="keep no examples between runs")
     p.add_argument("--in-process", action="store_true",
                    help="run the kernel in this process (for pdb); NOT safe for gating: the kernel can then end"
                         " or hang the run and decide its own verdict")

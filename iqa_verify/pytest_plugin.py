@@ -7,8 +7,10 @@
 
 One item per property x dtype, named ``<property id>[<kernel>-<dtype>]`` (so JUnit XML and ``-k`` read
 well); a failing item prints the same message as the CLI: the tensors out of tolerance, the shrunk
-counterexample and the one-line repro. Works with pytest-xdist (``-n 2``): items are built the same way
-in every worker. With ``--iqa-baseline`` an item also fails when the property's worst error ratio grew
+counterexample and the one-line repro. The items of one kernel x dtype share one search (each case
+evaluated once for all of them). Works with pytest-xdist (``-n 2``): items are built the same way in
+every worker; with ``--dist loadgroup`` the items of one kernel x dtype stay on one worker, so none of
+them is searched twice. With ``--iqa-baseline`` an item also fails when the property's worst error ratio grew
 by more than R against the baseline (``iqa-verify gate``; profile and seed default to the baseline's).
 :func:`verify` is the same check for tests that parametrize their own items.
 
@@ -31,7 +33,7 @@ from iqa_verify.supervisor import InProcess, Isolated, Isolation, host_for, pars
 from iqa_verify.outcomes import PropertyResult, Status, Verdict
 from iqa_verify.profiles import PROFILES, profile_named
 from iqa_verify.registry import family
-from iqa_verify.runner import RunConfig, run_property
+from iqa_verify.runner import RunConfig, check, example_database, run_property
 
 __all__ = ["verify", "failure_text"]
 
@@ -50,35 +52,66 @@ def failure_text(cfg: RunConfig, r: PropertyResult) -> str:
     return f"{head}\n{r.error or r.status.message}"
 
 
+def _config(impl: str, family_name: str, dtype: str, *, device: str, profile: str, seed: int,
+            report_dir: Path | None, isolation: Isolation, database: Path | None = None) -> RunConfig:
+    kernel = load_kernel(impl) if isinstance(isolation, InProcess) else None
+    return RunConfig(family(family_name), kernel, impl, _DTYPES[dtype], torch.device(device), profile_named(profile),
+                     seed, report_dir, isolation=isolation, database=database)
+
+
+def _judge(cfg: RunConfig, result: PropertyResult, baseline: Baseline | None, max_regression: float) -> PropertyResult:
+    """``pytest.fail`` with the full failure text unless ``result`` holds (and, given a baseline, unless its
+    worst error ratio regressed); ``pytest.skip`` for a property that does not apply."""
+    impl, pid = cfg.kernel_name, result.property_id
+    if result.status is Status.NOT_APPLICABLE:
+        pytest.skip(f"{pid} does not apply to {impl}: {result.note}")
+    if result.status is not Status.PASSED:
+        pytest.fail(failure_text(cfg, result), pytrace=False)
+    if baseline is not None:
+        dtype = str(cfg.dtype).removeprefix("torch.")
+        verdict = Verdict(impl, cfg.family.name, dtype, str(cfg.device), cfg.profile.name, cfg.seed, [result])
+        for reg in find_regressions([verdict], baseline, max_regression):
+            pytest.fail(f"{pid} regressed for {impl}: {reg.describe()}", pytrace=False)
+    return result
+
+
 def verify(impl: str, family_name: str, property_id: str, dtype: str, *, device: str = "cpu", profile: str = "ci",
            seed: int = 0, report_dir: Path | None = None, baseline: Baseline | None = None,
            max_regression: float = DEFAULT_MAX_REGRESSION, isolation: Isolation = Isolated()) -> PropertyResult:
     """Run one property; ``pytest.fail`` with the full failure text unless it holds (and, given a
     baseline, unless its worst error ratio regressed)."""
-    fam = family(family_name)
-    kernel = load_kernel(impl) if isinstance(isolation, InProcess) else None
-    cfg = RunConfig(fam, kernel, impl, _DTYPES[dtype], torch.device(device), profile_named(profile), seed,
-                    report_dir, isolation=isolation)
-    result = run_property(cfg, fam.property(property_id))
-    if result.status is Status.NOT_APPLICABLE:
-        pytest.skip(f"{property_id} does not apply to {impl}: {result.note}")
-    if result.status is not Status.PASSED:
-        pytest.fail(failure_text(cfg, result), pytrace=False)
-    if baseline is not None:
-        verdict = Verdict(impl, family_name, dtype, str(cfg.device), profile, seed, [result])
-        for reg in find_regressions([verdict], baseline, max_regression):
-            pytest.fail(f"{property_id} regressed for {impl}: {reg.describe()}", pytrace=False)
-    return result
+    cfg = _config(impl, family_name, dtype, device=device, profile=profile, seed=seed, report_dir=report_dir,
+                  isolation=isolation)
+    return _judge(cfg, run_property(cfg, cfg.family.property(property_id)), baseline, max_regression)
+
+
+_RESULTS: dict[tuple, dict[str, PropertyResult]] = {}
+"""(impl, family, dtype) -> results of one search over the properties collected for it in this process."""
 
 
 class PropertyItem(pytest.Item):
+    """One property x kernel x dtype. The first item of a kernel x dtype to run verifies every property of
+    it collected in this session in one search (one evaluation per case); the others read their result."""
+
     def __init__(self, *, impl: str, family_name: str, property_id: str, dtype: str, opts: dict, **kwargs) -> None:
         super().__init__(**kwargs)
         self.args = (impl, family_name, property_id, dtype)
+        self.group = (impl, family_name, dtype)
         self.opts = opts
+        self.add_marker(pytest.mark.xdist_group(name=f"iqa-{impl}-{dtype}"))
 
     def runtest(self) -> None:
-        verify(*self.args, **self.opts)
+        impl, family_name, property_id, dtype = self.args
+        opts = dict(self.opts)
+        baseline, max_regression = opts.pop("baseline"), opts.pop("max_regression")
+        cfg = _config(impl, family_name, dtype, report_dir=None, **opts)
+        if self.group not in _RESULTS:
+            wanted = [i.args[2] for i in self.session.items if isinstance(i, PropertyItem) and i.group == self.group]
+            verdict = check(cfg, only=wanted)
+            if not verdict.complete:
+                raise KeyboardInterrupt
+            _RESULTS[self.group] = {r.property_id: r for r in verdict.results}
+        _judge(cfg, _RESULTS[self.group][property_id], baseline, max_regression)
 
     def reportinfo(self):
         return Path(self.config.rootpath), None, self.name
@@ -99,6 +132,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--iqa-example-timeout", type=float, default=None, metavar="SECONDS",
                 help="seconds one kernel call may take before its process is killed (default: the profile's)")
     g.addoption("--iqa-max-memory", default=None, metavar="SIZE", help="cap the kernel process's memory (e.g. 8G)")
+    g.addoption("--iqa-db", default=None, metavar="DIR",
+                help="keep failing examples here, replayed first next time (default .iqa-verify/examples or"
+                     " $IQA_VERIFY_DB)")
+    g.addoption("--iqa-no-db", action="store_true", help="keep no examples between runs")
     g.addoption("--iqa-in-process", action="store_true",
                 help="run the kernel in the pytest process (for pdb; not safe for gating)")
 
@@ -135,6 +172,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         "baseline": baseline,
         "max_regression": config.getoption("iqa_max_regression"),
         "isolation": isolation,
+        "database": example_database(config.getoption("iqa_db"), off=config.getoption("iqa_no_db")),
     }
     for impl in impls:
         short = impl.rsplit(":", 1)[-1]

@@ -15,6 +15,8 @@ worker); what it prints is kept and shown with a failure.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shlex
 import time
 import traceback
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
+from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.errors import Flaky
 
 from iqa_verify import cpu_share
@@ -35,7 +38,22 @@ from iqa_verify.outcomes import Counterexample, PropertyResult, Status, Verdict
 from iqa_verify.profiles import Profile
 from iqa_verify.supervisor import Isolated, Isolation, KernelHost, host_for
 
-__all__ = ["RunConfig", "check", "run_property"]
+__all__ = ["RunConfig", "check", "run_property", "example_database", "DEFAULT_DB"]
+
+DEFAULT_DB = Path(".iqa-verify") / "examples"
+
+
+def example_database(folder: str | None, *, off: bool = False) -> Path | None:
+    """Where failing examples are kept: ``folder`` if given; none when ``off``; else $IQA_VERIFY_DB (a
+    folder, or "off"); else ``.iqa-verify/examples`` in the current folder."""
+    if off:
+        return None
+    if folder:
+        return Path(folder)
+    env = os.environ.get("IQA_VERIFY_DB", "")
+    if env.lower() == "off":
+        return None
+    return Path(env) if env else DEFAULT_DB
 
 Progress = Callable[[str, int], None]
 
@@ -52,7 +70,9 @@ class RunConfig:
     ``path.py:attr``): repro commands use it. report_dir, when set, receives failing inputs.
     time_budget_s, when set, bounds each property's search: once that many seconds have passed (and at
     least one example ran, and nothing has failed yet) no new example starts; the result says so. For
-    kernels that run slowly here (third-party Triton kernels in the interpreter). isolation: where the
+    kernels that run slowly here (third-party Triton kernels in the interpreter). database: a folder for
+    Hypothesis' example database (failing examples are saved there and replayed first by the next run of
+    the same kernel, family, dtype and device; None: nothing is kept). isolation: where the
     kernel runs (:class:`~iqa_verify.supervisor.Isolated`, the default, loads ``kernel_name`` in a worker
     process and ``kernel`` may be None; :class:`~iqa_verify.supervisor.InProcess` calls ``kernel`` here).
     """
@@ -67,6 +87,12 @@ class RunConfig:
     report_dir: Path | None = None
     time_budget_s: float | None = None
     isolation: Isolation = Isolated()
+    database: Path | None = None
+
+    def database_key(self) -> bytes:
+        """Failing examples are kept per kernel, family, dtype and device (and replayed first)."""
+        text = f"{self.kernel_name}|{self.family.name}|{_dtype_name(self.dtype)}|{self.device.type}"
+        return hashlib.sha256(text.encode()).digest()
 
     @property
     def example_timeout_s(self) -> float:
@@ -260,16 +286,17 @@ def _counterexample(cfg: RunConfig, prop: Property, failed: _Failed, note: str =
 
 
 def _settings(cfg: RunConfig):
+    db = DirectoryBasedExampleDatabase(str(cfg.database)) if cfg.database is not None else None
     return settings(
         max_examples=cfg.profile.max_examples,
-        database=None,
+        database=db,
         deadline=None,
         derandomize=False,
         verbosity=Verbosity.quiet,
         report_multiple_bugs=False,
         print_blob=False,
         suppress_health_check=list(HealthCheck),
-        phases=(Phase.generate, Phase.shrink),
+        phases=(Phase.reuse, Phase.generate, Phase.shrink) if db is not None else (Phase.generate, Phase.shrink),
     )
 
 
@@ -327,6 +354,7 @@ def _search(cfg: RunConfig, props: Sequence[Property], host: KernelHost, results
     while search.open:
         search.target = search.target_since = None
         test = _settings(cfg)(hypothesis_seed(cfg.seed)(given(cfg.family.cases(cfg.profile))(search.run_one)))
+        test._hypothesis_internal_database_key = cfg.database_key()  # type: ignore[attr-defined]
         try:
             test()
         except _Failed as failed:

@@ -306,3 +306,15 @@ def test_a_failure_found_within_the_budget_is_still_shrunk_and_reported() -> Non
     cfg = dataclasses.replace(_zoo("scale_ignored"), time_budget_s=0.5)
     r = run_property(cfg, FAM.property(_pid("values")))
     assert r.status is Status.FAILED and not r.budget_reached and r.counterexample.repro
+
+
+def test_failing_examples_persist_and_are_replayed_first_by_the_next_run(tmp_path) -> None:
+    """With an example database a failure found once is found again at once, whatever the seed."""
+    impl = f"{zoo.__file__}:scale_ignored"
+    first = dataclasses.replace(_cfg(zoo.scale_ignored, impl, seed=3), database=tmp_path)
+    found = run_property(first, FAM.property(_pid("values")))
+    assert found.status is Status.FAILED and any(tmp_path.iterdir())
+    again = run_property(dataclasses.replace(first, seed=10), FAM.property(_pid("values")))
+    assert again.status is Status.FAILED
+    assert again.examples <= len(FAM.pinned(CI)) + 1  # the pinned cases, then the saved failure
+    assert again.counterexample.spec_json == found.counterexample.spec_json
