@@ -339,3 +339,37 @@ def lipschitz_bound(x, w_q, w_k, w_v=None, scale=None) -> torch.Tensor:
     a = k @ w_q.detach().to(F64).transpose(0, 1)
     vc = v - v.mean(dim=1, keepdim=True)
     return 0.5 * abs(s) * torch.linalg.matrix_norm(a, ord=2) * torch.linalg.matrix_norm(vc, ord=2)
+
+
+# -- the same-precision baseline (written apart from the kernels under test) ---------------------------
+
+#: Stopping targets of the baseline's plain iteration, by compute dtype: about the unit roundoff of the
+#: dtype the map is computed in (solver settings, not comparison tolerances).
+BASELINE_STOP: dict[torch.dtype, float] = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+
+def iqa_map_baseline(y, k, v, w_q, scale: float) -> torch.Tensor:
+    """One application of f in the dtype of its arguments: ``softmax(scale K (y w_q)^T) V`` with K, V
+    given ([B, N, Dk], [B, N, E]); y: [B, N, E] -> [B, N, E]. Differentiable in every argument."""
+    return torch.softmax(scale * (k @ (y @ w_q).transpose(-1, -2)), dim=-1) @ v
+
+
+def iqa_plain_iteration_baseline(fn, y0: torch.Tensor, *, max_iter: int = 1000) -> tuple[torch.Tensor, bool]:
+    """Plain iteration ``y <- fn(y)`` from ``y0`` [B, N, E] until every batch element's relative residual
+    ``‖fn(y) - y‖_F / max(‖y‖_F, ‖y0‖_F)`` is at most :data:`BASELINE_STOP` of y0's dtype, or ``max_iter``
+    updates. Returns ``(y, converged)``; differentiable through the iterations (backprop through plain
+    iteration: the straightforward same-precision gradient)."""
+    stop = BASELINE_STOP.get(y0.dtype, BASELINE_STOP[torch.float32])
+    scale0 = y0.detach().flatten(1).norm(dim=1)
+    y = y0
+    for _ in range(max_iter + 1):
+        fy = fn(y)
+        with torch.no_grad():
+            den = torch.maximum(y.detach().flatten(1).norm(dim=1), scale0).clamp_min(torch.finfo(y0.dtype).tiny)
+            r = (fy.detach() - y.detach()).flatten(1).norm(dim=1) / den
+        if not bool(torch.isfinite(r).all()):
+            return y, False
+        if bool((r <= stop).all()):
+            return y, True
+        y = fy
+    return y, False

@@ -22,8 +22,6 @@ from iqa_verify.comparison import TensorCheck, compare
 from iqa_verify.contracts import state_dtype_for
 from iqa_verify.family import KernelRaised, Property, PropertyContext, Violation
 from iqa_verify.iqa.backward import OneStep, Truncated
-from iqa_verify.iqa.kernel import iqa_map
-from iqa_verify.iqa.solvers import FixedPointIteration, Outcome, default_tol
 from iqa_verify.tolerances import Kind, tolerance
 from properties.generic import ForwardBackward, cotangents_for, run_forward_backward
 from properties.iqa.cases import Regime
@@ -37,7 +35,7 @@ from properties.iqa.judging import (
     values_of,
 )
 from properties.iqa.kernels import claims, forward_stats, has_stats
-from reference.iqa import iqa_jacobian_y_ref, iqa_map_ref
+from reference.iqa import iqa_jacobian_y_ref, iqa_map_baseline, iqa_map_ref, iqa_plain_iteration_baseline
 
 __all__ = ["iqa_properties", "note", "tolerating_refusal"]
 
@@ -170,11 +168,11 @@ def _baseline_grads(ctx: PropertyContext, g: torch.Tensor, rp: RefPoint, mode=No
     with torch.enable_grad():
         k = leaves["x"] @ leaves["w_k"]
         v = leaves["x"] @ leaves["w_v"] if "w_v" in leaves else leaves["x"]
-        sol = FixedPointIteration(max_iter=1000).solve(lambda y: iqa_map(y, k, v, leaves["w_q"], s), v)
-        near = float((sol.y.detach().to(F64) - rp.y).abs().max()) <= tolerance(Kind.VALUE, cd).atol * _value_scale(ctx, rp.y)
-        if sol.outcome is not Outcome.CONVERGED or not near:
+        y, converged = iqa_plain_iteration_baseline(lambda y: iqa_map_baseline(y, k, v, leaves["w_q"], s), v)
+        near = float((y.detach().to(F64) - rp.y).abs().max()) <= tolerance(Kind.VALUE, cd).atol * _value_scale(ctx, rp.y)
+        if not converged or not near:
             return None
-        grads = torch.autograd.grad(sol.y, list(leaves.values()), g.to(cd), allow_unused=True)
+        grads = torch.autograd.grad(y, list(leaves.values()), g.to(cd), allow_unused=True)
     return {n: (gr if gr is not None else torch.zeros_like(leaves[n])).to(case.dtype) for n, gr in zip(leaves, grads)}
 
 
@@ -187,13 +185,13 @@ def _baseline_truncated(ctx: PropertyContext, g: torch.Tensor, rp: RefPoint, ste
     with torch.enable_grad():
         k = leaves["x"] @ leaves["w_k"]
         v = leaves["x"] @ leaves["w_v"] if "w_v" in leaves else leaves["x"]
-        fn = lambda y: iqa_map(y, k.detach(), v.detach(), leaves["w_q"].detach(), s)  # noqa: E731
+        fn = lambda y: iqa_map_baseline(y, k.detach(), v.detach(), leaves["w_q"].detach(), s)  # noqa: E731
         with torch.no_grad():  # a same-precision solve from V, as the kernel's (its error is amplified too)
-            sol = FixedPointIteration(max_iter=1000).solve(fn, v.detach())
-        near = float((sol.y.to(F64) - rp.y).abs().max()) <= tolerance(Kind.VALUE, cd).atol * _value_scale(ctx, rp.y)
-        z = sol.y if sol.outcome is Outcome.CONVERGED and near else _rounded(ctx, rp.y).to(cd)
+            y, converged = iqa_plain_iteration_baseline(fn, v.detach())
+        near = float((y.to(F64) - rp.y).abs().max()) <= tolerance(Kind.VALUE, cd).atol * _value_scale(ctx, rp.y)
+        z = y if converged and near else _rounded(ctx, rp.y).to(cd)
         for _ in range(steps):
-            z = iqa_map(z, k, v, leaves["w_q"], s)
+            z = iqa_map_baseline(z, k, v, leaves["w_q"], s)
         grads = torch.autograd.grad(z, list(leaves.values()), g.to(cd), allow_unused=True)
     return {n: (gr if gr is not None else torch.zeros_like(leaves[n])).to(case.dtype) for n, gr in zip(leaves, grads)}
 
