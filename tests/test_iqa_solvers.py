@@ -180,3 +180,20 @@ def test_unrolled_solve_is_differentiable():
 def test_invalid_solver_settings(make, message):
     with pytest.raises(IqaVerifyError, match=message):
         make()
+
+
+def test_a_solver_is_init_step_terminate_over_a_typed_state() -> None:
+    """The one loop, driven by hand: each step is observable and the state says why it stops."""
+    from iqa_verify.iqa.solvers import SolverState
+
+    a = torch.tensor([[0.5]], dtype=torch.float64)
+    fn = lambda y: a * y + 1.0  # noqa: E731 - fixed point 2
+    solver = FixedPointIteration(max_iter=100, tol=1e-10)
+    state = solver.init(fn, torch.zeros(1, 1, dtype=torch.float64), 1e-10)
+    assert isinstance(state, SolverState) and state.iterations == 0 and len(state.history) == 1
+    state = solver.step(fn, state)
+    assert state.iterations == 1 and float(state.y) == 1.0 and float(state.history[-1]) == 0.5
+    while not solver.terminate(state):
+        state = solver.step(fn, state)
+    assert bool(state.converged.all()) and abs(float(state.best_y) - 2.0) < 1e-9
+    assert solver.solve(fn, torch.zeros(1, 1, dtype=torch.float64)).iterations == state.iterations

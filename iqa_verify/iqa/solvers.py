@@ -52,6 +52,7 @@ __all__ = [
     "FixedPointIteration",
     "Outcome",
     "Solution",
+    "SolverState",
     "Solver",
     "default_tol",
 ]
@@ -141,10 +142,42 @@ def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
+@dataclass
+class SolverState:
+    """A solve in progress, in the solver's state dtype, per batch element (``n`` = elements of one
+    iterate): ``y``, ``fy = fn(y)`` [B, n]; ``memory`` the solver's own (Anderson's past iterates,
+    Broyden's low-rank factors); ``best_y`` [B, n] and ``best_r`` [B] the iterate with the smallest
+    residual seen; ``converged``, ``diverged`` [B] bool; ``history`` the residuals ``r_0 .. r_t`` ([B]
+    each, formula in the module docstring); ``iterations`` updates so far; ``tol`` the target; ``scale0``
+    [B] = ‖y_0‖, ``r0`` and ``blowup`` [B] the divergence thresholds' bases."""
+
+    y: torch.Tensor
+    fy: torch.Tensor
+    memory: object
+    best_y: torch.Tensor
+    best_r: torch.Tensor
+    converged: torch.Tensor
+    diverged: torch.Tensor
+    history: list[torch.Tensor]
+    iterations: int
+    tol: float
+    scale0: torch.Tensor
+    r0: torch.Tensor | None = None
+    blowup: torch.Tensor | None = None
+
+    @property
+    def frozen(self) -> torch.Tensor:
+        return self.converged | self.diverged
+
+
 @dataclass(frozen=True)
 class Solver(abc.ABC):
     """Base of the solvers: ``max_iter`` updates at most, stop at relative residual ``tol``
-    (``None``: :data:`DEFAULT_TOL` of ``y0``'s dtype)."""
+    (``None``: :data:`DEFAULT_TOL` of ``y0``'s dtype).
+
+    A solver is :meth:`init` / :meth:`step` / :meth:`terminate` over a :class:`SolverState`; :meth:`solve`
+    is the one loop they all share, and a subclass only says how it proposes the next iterate
+    (:meth:`update`, with its own ``memory`` from :meth:`init_memory`)."""
 
     max_iter: int = DEFAULT_MAX_ITER
     tol: float | None = None
@@ -154,79 +187,96 @@ class Solver(abc.ABC):
         if self.tol is not None and not self.tol > 0:
             raise IqaVerifyError(f"tol={self.tol}: the residual tolerance must be > 0")
 
+    # -- the one loop ---------------------------------------------------------------------------------
     def solve(self, fn: Map, y0: torch.Tensor) -> Solution:
         """Solve ``y = fn(y)`` from ``y0: [B, ...]``; see the module docstring for the statistics."""
         if y0.ndim < 1 or y0.shape[0] < 1:
             raise IqaVerifyError(f"y0.shape={tuple(y0.shape)}: must be [B, ...] with B >= 1")
         in_dtype = y0.dtype
         sd = state_dtype_for(in_dtype)
-        tol = self.tol if self.tol is not None else default_tol(in_dtype)
         shape = y0.shape
 
         def fn_state(y_flat: torch.Tensor) -> torch.Tensor:
             return fn(y_flat.reshape(shape).to(in_dtype)).to(sd).reshape(shape[0], -1)
 
-        y = y0.to(sd).reshape(shape[0], -1)
-        tiny = torch.finfo(sd).tiny
-        scale0 = _norms(y.detach())
-        blowup: torch.Tensor | None = None
-        state = self._init_state(y)
-        fy = fn_state(y)
-        best_y, best_r = y, torch.full((shape[0],), float("inf"), dtype=sd, device=y.device)
-        frozen = torch.zeros(shape[0], dtype=torch.bool, device=y.device)
-        converged = torch.zeros_like(frozen)
-        diverged = torch.zeros_like(frozen)
-        history: list[torch.Tensor] = []
-        r0: torch.Tensor | None = None
-        it = 0
-        while True:
-            with torch.no_grad():
-                denom = torch.maximum(torch.maximum(_norms(y), scale0), torch.full_like(scale0, tiny))
-                r = _norms(fy - y) / denom
-                r = torch.where(torch.isfinite(r), r, torch.full_like(r, float("inf")))
-            # frozen elements keep their last residual (their iterate does not move)
-            r = torch.where(frozen, history[-1], r) if history else r
-            history.append(r)
-            if r0 is None:
-                r0 = r
-                blowup = DIVERGENCE_FACTOR * torch.maximum(scale0, _norms(fy.detach()))
-            better = (r < best_r) & ~frozen
-            best_y = torch.where(better[:, None], y, best_y)
-            best_r = torch.where(better, r, best_r)
-            converged = converged | (~frozen & (r <= tol))
-            diverged = diverged | (~frozen & ~converged & ((r > DIVERGENCE_FACTOR * r0) | torch.isinf(r) | (_norms(y.detach()) > blowup)))
-            frozen = converged | diverged
-            if bool(frozen.all()) or it >= self.max_iter:
-                break
-            y_new, state = self._step(y, fy, state, fn_state)
-            y = torch.where(frozen[:, None], y, y_new)
-            fy_new = fn_state(y)
-            fy = torch.where(frozen[:, None], fy, fy_new)
-            it += 1
-        if bool(diverged.any()):
+        state = self.init(fn_state, y0.to(sd).reshape(shape[0], -1),
+                          self.tol if self.tol is not None else default_tol(in_dtype))
+        while not self.terminate(state):
+            state = self.step(fn_state, state)
+        return self._solution(state, shape, in_dtype)
+
+    def init(self, fn: Map, y0: torch.Tensor, tol: float) -> SolverState:
+        """The state at ``y0`` [B, n] (``fn`` evaluated once, the residual ``r_0`` observed)."""
+        none = torch.zeros(y0.shape[0], dtype=torch.bool, device=y0.device)
+        state = SolverState(y=y0, fy=fn(y0), memory=self.init_memory(y0), best_y=y0,
+                            best_r=torch.full((y0.shape[0],), float("inf"), dtype=y0.dtype, device=y0.device),
+                            converged=none, diverged=none.clone(), history=[], iterations=0, tol=tol,
+                            scale0=_norms(y0.detach()))
+        return self._observe(state)
+
+    def step(self, fn: Map, state: SolverState) -> SolverState:
+        """One update of the elements not yet frozen, then its residual observed."""
+        frozen = state.frozen[:, None]
+        y_new, state.memory = self.update(state.y, state.fy, state.memory, fn)
+        state.y = torch.where(frozen, state.y, y_new)
+        state.fy = torch.where(frozen, state.fy, fn(state.y))
+        state.iterations += 1
+        return self._observe(state)
+
+    def terminate(self, state: SolverState) -> bool:
+        """Every batch element converged or diverged, or ``max_iter`` updates done."""
+        return bool(state.frozen.all()) or state.iterations >= self.max_iter
+
+    # -- what a solver says -----------------------------------------------------------------------------
+    def init_memory(self, y: torch.Tensor) -> object:
+        return None
+
+    @abc.abstractmethod
+    def update(self, y: torch.Tensor, fy: torch.Tensor, memory: object, fn: Map) -> tuple[torch.Tensor, object]:
+        """The next iterate from ``y: [B, n]`` with ``fy = fn(y)``, and the solver's memory after it."""
+
+    # -- shared bookkeeping -------------------------------------------------------------------------------
+    @staticmethod
+    def _observe(state: SolverState) -> SolverState:
+        y, fy = state.y, state.fy
+        tiny = torch.finfo(y.dtype).tiny
+        with torch.no_grad():
+            denom = torch.maximum(torch.maximum(_norms(y), state.scale0), torch.full_like(state.scale0, tiny))
+            r = _norms(fy - y) / denom
+            r = torch.where(torch.isfinite(r), r, torch.full_like(r, float("inf")))
+        frozen = state.frozen
+        # frozen elements keep their last residual (their iterate does not move)
+        r = torch.where(frozen, state.history[-1], r) if state.history else r
+        state.history.append(r)
+        if state.r0 is None:
+            state.r0 = r
+            state.blowup = DIVERGENCE_FACTOR * torch.maximum(state.scale0, _norms(fy.detach()))
+        better = (r < state.best_r) & ~frozen
+        state.best_y = torch.where(better[:, None], y, state.best_y)
+        state.best_r = torch.where(better, r, state.best_r)
+        state.converged = state.converged | (~frozen & (r <= state.tol))
+        state.diverged = state.diverged | (~frozen & ~state.converged & (
+            (r > DIVERGENCE_FACTOR * state.r0) | torch.isinf(r) | (_norms(y.detach()) > state.blowup)))
+        return state
+
+    def _solution(self, state: SolverState, shape: torch.Size, in_dtype: torch.dtype) -> Solution:
+        if bool(state.diverged.any()):
             outcome = Outcome.DIVERGED
-        elif bool(converged.all()):
+        elif bool(state.converged.all()):
             outcome = Outcome.CONVERGED
         else:
             outcome = Outcome.MAX_ITER
-        hist = torch.stack(history)
+        hist = torch.stack(state.history)
         return Solution(
-            y=best_y.reshape(shape).to(in_dtype),
-            iterations=it,
-            residual=best_r,
-            converged=converged,
+            y=state.best_y.reshape(shape).to(in_dtype),
+            iterations=state.iterations,
+            residual=state.best_r,
+            converged=state.converged,
             outcome=outcome,
             residual_history=hist,
             solver=self,
             residual_trace=[float(v) for v in hist.max(dim=1).values],
         )
-
-    def _init_state(self, y: torch.Tensor) -> object:
-        return None
-
-    @abc.abstractmethod
-    def _step(self, y: torch.Tensor, fy: torch.Tensor, state: object, fn: Map) -> tuple[torch.Tensor, object]:
-        """One update from ``y: [B, n]`` with ``fy = fn(y)``; returns the next iterate and the state."""
 
 
 def _check_damping(damping: float) -> None:
@@ -246,10 +296,10 @@ class FixedPointIteration(Solver):
         super().__post_init__()
         _check_damping(self.damping)
 
-    def _step(self, y, fy, state, fn):
+    def update(self, y, fy, memory, fn):
         if self.damping == 1.0:
-            return fy, state
-        return (1.0 - self.damping) * y + self.damping * fy, state
+            return fy, memory
+        return (1.0 - self.damping) * y + self.damping * fy, memory
 
 
 @dataclass(frozen=True)
@@ -275,11 +325,11 @@ class Anderson(Solver):
         if not self.regularization >= 0:
             raise IqaVerifyError(f"regularization={self.regularization}: must be >= 0")
 
-    def _init_state(self, y):
+    def init_memory(self, y):
         return ([], [])
 
-    def _step(self, y, fy, state, fn):
-        ys, fs = state
+    def update(self, y, fy, memory, fn):
+        ys, fs = memory
         ys, fs = (ys + [y])[-self.memory :], (fs + [fy])[-self.memory :]
         Y, F = torch.stack(ys, dim=1), torch.stack(fs, dim=1)  # [B, m, n]
         R = F - Y
@@ -321,7 +371,7 @@ class Broyden(Solver):
         super().__post_init__()
         check_at_least("memory", self.memory, 1, "Broyden memory")
 
-    def _init_state(self, y):
+    def init_memory(self, y):
         return {"us": [], "vs": [], "prev": None}
 
     @staticmethod
@@ -332,8 +382,8 @@ class Broyden(Solver):
             out = out + a * (b * t).sum(-1, keepdim=True)
         return out
 
-    def _step(self, y, fy, state, fn):
-        us, vs, prev = state["us"], state["vs"], state["prev"]
+    def update(self, y, fy, memory, fn):
+        us, vs, prev = memory["us"], memory["vs"], memory["prev"]
         g = fy - y
         if prev is not None:
             y_old, g_old = prev
