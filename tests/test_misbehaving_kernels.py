@@ -116,6 +116,16 @@ def test_what_a_failing_kernel_printed_is_shown_with_its_failure(tmp_path):
     assert "characters cut" in proc.stdout  # 100000 characters are not shown
 
 
+def test_max_memory_caps_the_kernel_process():
+    """The same kernel passes uncapped and fails, saying why, under --max-memory (Linux resource limit)."""
+    impl = f"{ZOO}:allocates_4g_of_scratch"
+    capped, _ = _cli("check", impl, "--family", "la-forward", "--only", "la-forward/values", "--case", CASE,
+                     "--max-memory", "2G")
+    assert capped.returncode == 1 and "can't allocate memory" in capped.stdout, capped.stdout + capped.stderr
+    free, _ = _cli("check", impl, "--family", "la-forward", "--only", "la-forward/values", "--case", CASE)
+    assert free.returncode == 0, free.stdout + free.stderr
+
+
 def test_gate_fails_a_kernel_that_exits(tmp_path):
     proc, _ = _cli("gate", f"{ZOO}:exits_zero", "--family", "la-forward", "--profile", "smoke",
                    "--write-baseline", str(tmp_path / "b.json"))
@@ -164,3 +174,15 @@ def test_the_users_interrupt_stops_the_run_and_ends_the_worker(tmp_path):
     time.sleep(1)
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path: needs an NVIDIA GPU (none on this machine)")
+@pytest.mark.parametrize("kernel, passes", [("reseeds_global_rng", True), ("exits_zero", False), ("hard_exit", False)])
+def test_isolation_on_cuda(kernel, passes):
+    """On CUDA the worker owns its own context (started fresh, never forked): tensors travel to and from it
+    with their layouts, and a dying kernel leaves the supervisor's context untouched."""
+    cfg = RunConfig(family("la-forward"), None, f"{ZOO}:{kernel}", torch.float32, torch.device("cuda"),
+                    profile_named("smoke"), isolation=Isolated(example_timeout_s=60))
+    verdict = check(cfg, only=["la-forward/values", "la-forward/gradients"])
+    assert verdict.passed is passes, verdict.failed()
+    torch.cuda.synchronize()  # the supervisor's own context is still usable

@@ -19,7 +19,7 @@ from iqa_verify.kernels.la_forward_recurrent import la_forward_recurrent
 
 __all__ = [
     "exits_zero", "hard_exit", "invalid_read", "hangs_on_one_shape", "raises_system_exit",
-    "raises_keyboard_interrupt", "raises_generator_exit", "returns_non_tensor", "allocation_fails",
+    "raises_keyboard_interrupt", "raises_generator_exit", "returns_non_tensor", "allocation_fails", "allocates_4g_of_scratch",
     "leaks_default_dtype", "corrupts_input_in_backward", "nondeterministic_1e7", "reseeds_global_rng",
     "prints_a_lot",
 ]
@@ -72,6 +72,13 @@ def allocation_fails(q, k, v, g, initial_state=None, *, scale=1.0):
     """Asks for an exabyte of scratch memory."""
     scratch = torch.empty(2**60, dtype=torch.uint8)
     return la_forward_recurrent(q, k, v, g, initial_state, scale=scale) if scratch.numel() else None
+
+
+def allocates_4g_of_scratch(q, k, v, g, initial_state=None, *, scale=1.0):
+    """Right answer, but maps 4 GiB of scratch first: fine on a big machine, a failure under ``--max-memory 2G``."""
+    scratch = torch.empty(4 * 2**30, dtype=torch.uint8)
+    del scratch
+    return la_forward_recurrent(q, k, v, g, initial_state, scale=scale)
 
 
 def leaks_default_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
