@@ -56,5 +56,7 @@ FAMILY = Family(
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.gla_forward_recurrent:gla_forward_recurrent",
                       "loop over time, float32 state for bf16/fp16"),
+        BuiltinKernel("iqa_verify.kernels.gla_forward_chunked:gla_forward_chunked",
+                      "chunked (64 steps): per-dimension factored or masked scores, hand-written backward"),
     ),
 )
