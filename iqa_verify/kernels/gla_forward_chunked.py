@@ -27,9 +27,11 @@ from iqa_verify.kernels.gla_forward_intra import (
 )
 from iqa_verify.kernels.la_forward_chunked import factored_span_limit
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "GateForm", "gate_form", "gla_forward_chunked"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "MASKED_CHUNK_SIZE", "GateForm", "gate_form", "gla_forward_chunked"]
 
 DEFAULT_CHUNK_SIZE = 64
+MASKED_CHUNK_SIZE = 16
+"""Largest chunk of the MASKED form: its work and memory per step grow with the chunk (C * D per step)."""
 
 
 class GateForm(enum.Enum):
@@ -164,7 +166,8 @@ def gla_forward_chunked(
         g: [B, T, H, D] log gates, g <= 0 (row d of the state decays by exp(g_{t,d}) at step t).
         initial_state: [B, H, D, E] or None (zeros).
         scale: multiplies every output.
-        chunk_size: steps per chunk C, an integer >= 1 (used as min(chunk_size, T)).
+        chunk_size: steps per chunk C, an integer >= 1 (used as min(chunk_size, T), and at most
+            ``MASKED_CHUNK_SIZE`` in the MASKED form).
 
     Returns:
         o: [B, T, H, E] in the input dtype; final_state: [B, H, D, E], float32 for bf16/fp16
@@ -186,4 +189,7 @@ def gla_forward_chunked(
     check_gla_forward_inputs(q, k, v, g, initial_state)
     _check_chunk_size(chunk_size)
     chunk = min(chunk_size, q.shape[1])
-    return _GLAChunks.apply(q, k, v, g, initial_state, scale, chunk, gate_form(g, chunk))
+    form = gate_form(g, chunk)
+    if form is GateForm.MASKED:
+        chunk = min(chunk, MASKED_CHUNK_SIZE)
+    return _GLAChunks.apply(q, k, v, g, initial_state, scale, chunk, form)
