@@ -56,5 +56,7 @@ FAMILY = Family(
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.delta_forward_recurrent:delta_forward_recurrent",
                       "loop over time, float32 state for bf16/fp16"),
+        BuiltinKernel("iqa_verify.kernels.delta_forward_chunked:delta_forward_chunked",
+                      "chunked (64 steps): WY / UT triangular solve per chunk, hand-written backward"),
     ),
 )
