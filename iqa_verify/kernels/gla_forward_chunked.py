@@ -53,10 +53,13 @@ def gate_form(g: torch.Tensor, chunk_size: int) -> GateForm:
 
 
 def _prefix_suffix(gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per chunk, b_i = sum_{t <= i} g_t and c_j = sum_{t > j} g_t (both direct sums, never differences)."""
-    b = gc.cumsum(-2)
-    c = F.pad(gc.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))
-    return b, c
+    """Per chunk ([..., C, D]), b_i = sum_{t <= i} g_t and c_j = sum_{t > j} g_t: both direct sums of gates (one
+    sign, never a difference of cumulative sums), as one batched matmul with 0/1 triangular matrices."""
+    C = gc.shape[-2]
+    ones = torch.ones(C, C, dtype=gc.dtype, device=gc.device)
+    both = torch.cat([ones.tril(), ones.triu(1)])  # [2C, C]: rows of b, then rows of c
+    sums = torch.matmul(both, gc)  # [..., 2C, D]
+    return sums[..., :C, :], sums[..., C:, :]
 
 
 class _GLAChunks(torch.autograd.Function):
@@ -98,19 +101,19 @@ class _GLAChunks(torch.autograd.Function):
             torch.addcmul(update[:, :, n - 1], a[:, :, n - 1], entering[:, :, n - 1], out=entering[:, :, n])
         final = torch.addcmul(update[:, :, -1], a[:, :, -1], entering[:, :, -1])
         if form is GateForm.FACTORED:
-            scores, qs = factored_scores(qc, ke, c)
+            scores, qs = factored_scores(qc, ke, exp_c)
         else:
             scores, qs = masked_scores(qc, kc, gc), None
         o = batched_matmul(scores, vc, alpha=scale)
         batched_matmul(qe, entering, alpha=scale, add=o, inplace=True)
-        ctx.save_for_backward(qc, kc, gc, vc, qe, ke, c, exp_b, exp_c, a, scores, entering, qs)
+        ctx.save_for_backward(qc, kc, gc, vc, qe, ke, exp_b, exp_c, a, scores, entering, qs)
         ctx.sizes = (T, scale, q.dtype, initial_state is not None, form)
         return from_chunk_layout(o, T, q.dtype), final
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, d_o: torch.Tensor, d_final: torch.Tensor):  # type: ignore[override]
-        qc, kc, gc, vc, qe, ke, c, exp_b, exp_c, a, scores, entering, qs = ctx.saved_tensors
+        qc, kc, gc, vc, qe, ke, exp_b, exp_c, a, scores, entering, qs = ctx.saved_tensors
         T, scale, in_dtype, has_initial, form = ctx.sizes
         acc = qc.dtype
         B, H, N, C, D = qc.shape
@@ -130,7 +133,7 @@ class _GLAChunks(torch.autograd.Function):
         from_ke = F.pad((d_ke * ke).cumsum(-2)[..., :-1, :], (0, 0, 1, 0))  # sum_{j < t}
         from_total = (a * (d_leaving * entering).sum(-1, keepdim=True)).transpose(-1, -2)  # [B, H, N, 1, D]
         if form is GateForm.FACTORED:
-            d_q_scores, d_ks, d_g_scores = factored_scores_backward(d_scores, qs, ke, c)
+            d_q_scores, d_ks, d_g_scores = factored_scores_backward(d_scores, qs, ke, exp_c)
             d_k = (d_ke + d_ks) * exp_c
         else:
             d_q_scores, d_k_scores, d_g_scores = masked_scores_backward(d_scores, qc, kc, gc)

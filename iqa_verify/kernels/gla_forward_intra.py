@@ -35,13 +35,14 @@ from iqa_verify.kernels.chunks import batched_matmul
 __all__ = ["factored_scores", "factored_scores_backward", "masked_scores", "masked_scores_backward"]
 
 
-def factored_scores(qc: torch.Tensor, ke: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = tril(Qs Ke^T) with Qs = Q ⊙ exp(-c). qc, ke, c: [..., C, D] -> (A [..., C, C], Qs [..., C, D])."""
-    qs = qc * c.neg().exp()
+def factored_scores(qc: torch.Tensor, ke: torch.Tensor, exp_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = tril(Qs Ke^T) with Qs = Q / exp(c) (exp(c) >= exp(-span) > 0 in this form).
+    qc, ke, exp_c: [..., C, D] -> (A [..., C, C], Qs [..., C, D])."""
+    qs = qc / exp_c
     return batched_matmul(qs, ke.transpose(-1, -2)).tril_(), qs
 
 
-def factored_scores_backward(d_scores: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor, c: torch.Tensor):
+def factored_scores_backward(d_scores: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor, exp_c: torch.Tensor):
     """-> (dq, dKs, dg) of the factored scores; dKs still to be multiplied by exp(c) (the caller merges it)."""
     strict = d_scores.tril(-1)
     d_qs = batched_matmul(strict, ks)
@@ -51,7 +52,7 @@ def factored_scores_backward(d_scores: torch.Tensor, qs: torch.Tensor, ks: torch
     diag = d_scores.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # dA_ii: [..., C, 1]
     d_qs.addcmul_(diag, ks)
     d_ks.addcmul_(diag, qs)
-    return d_qs * c.neg().exp(), d_ks, d_g
+    return d_qs / exp_c, d_ks, d_g
 
 
 def _log_floor(dtype: torch.dtype) -> float:
