@@ -9,7 +9,7 @@ import torch
 import iqa_verify.kernels.gla_forward_chunked as chunked_module
 from iqa_verify.comparison import compare
 from iqa_verify.errors import IqaVerifyError
-from iqa_verify.kernels.gla_forward_chunked import GateForm, gate_form, gla_forward_chunked
+from iqa_verify.kernels.gla_forward_chunked import GateForm, chunk_plan, gate_form, gla_forward_chunked
 from iqa_verify.kernels.gla_forward_recurrent import gla_forward_recurrent
 from iqa_verify.tolerances import Kind, tolerance
 from properties.gla_forward.cases import Gate, GLACase, build_gla_inputs
@@ -54,6 +54,13 @@ def test_gate_form_switches_on_one_strongly_gated_dimension() -> None:
     assert gate_form(g, 64) is GateForm.MASKED
 
 
+def test_strong_gates_halve_the_chunk_before_falling_back_to_the_masked_form() -> None:
+    g = torch.full((1, 128, 1, 4), -1.0)  # 64 nats per 64-step chunk, 16 per 16-step chunk (float32 limit 29.6)
+    assert chunk_plan(g, 64) == (GateForm.FACTORED, 16)
+    g[:, 5, :, 1] = -40.0  # one step beyond the limit on its own: no chunk of 16 or more is factored
+    assert chunk_plan(g, 64) == (GateForm.MASKED, 16)
+
+
 @pytest.mark.parametrize("kernel", [gla_forward_recurrent, gla_forward_chunked])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, F64])
 def test_output_dtypes(kernel, dtype: torch.dtype) -> None:
@@ -83,3 +90,22 @@ def test_scalar_gate_is_rejected_naming_g(kernel) -> None:
     inputs = build_gla_inputs(GLACase(B=1, T=4, H=1, D=2, E=2), F64, torch.device("cpu"))
     with pytest.raises(IqaVerifyError, match=r"g.shape=\(1, 4, 1\)"):
         kernel(inputs["q"], inputs["k"], inputs["v"], inputs["g"][..., 0])
+
+
+def test_factored_form_near_its_span_limit_is_as_accurate_as_recurrent_float32(gen: torch.Generator) -> None:
+    """Gates of 29 nats per 16 steps (limit 29.6 in float32): Q is scaled by up to e^29 and K down to e^-29."""
+    B, T, H, D, E = 1, 96, 2, 4, 3
+    x = {"q": torch.randn(B, T, H, D, generator=gen, dtype=F64), "k": torch.randn(B, T, H, D, generator=gen, dtype=F64),
+         "v": torch.randn(B, T, H, E, generator=gen, dtype=F64),
+         "g": -(29.0 / 16) * (0.9 + 0.1 * torch.rand(B, T, H, D, generator=gen, dtype=F64)),
+         "initial_state": torch.randn(B, H, D, E, generator=gen, dtype=F64)}
+    assert chunk_plan(x["g"].float(), 64) == (GateForm.FACTORED, 16)
+    cots = (torch.randn(B, T, H, E, generator=gen, dtype=F64), torch.randn(B, H, D, E, generator=gen, dtype=F64))
+    want = _values_and_grads(gla_forward_recurrent, x, cots)
+    x32 = {n: t.float() for n, t in x.items()}
+    base = _values_and_grads(gla_forward_recurrent, x32, cots)
+    got = _values_and_grads(gla_forward_chunked, x32, cots)
+    kinds = {p: Kind.VALUE if p.startswith("out/") else Kind.GRAD for p in want}
+    checks = [compare(p, got[p], want[p], tolerance(kinds[p], torch.float32), dtype=torch.float32, baseline=base[p])
+              for p in want]
+    assert all(c.passed for c in checks), "\n".join(c.describe() for c in checks if not c.passed)

@@ -27,7 +27,7 @@ from iqa_verify.kernels.gla_forward_intra import (
 )
 from iqa_verify.kernels.la_forward_chunked import factored_span_limit
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "MASKED_CHUNK_SIZE", "GateForm", "gate_form", "gla_forward_chunked"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "MASKED_CHUNK_SIZE", "GateForm", "chunk_plan", "gate_form", "gla_forward_chunked"]
 
 DEFAULT_CHUNK_SIZE = 64
 MASKED_CHUNK_SIZE = 16
@@ -50,6 +50,19 @@ def gate_form(g: torch.Tensor, chunk_size: int) -> GateForm:
     pad = n_chunks * chunk_size - T
     totals = F.pad(g.to(acc), (0, 0, 0, 0, 0, pad)).unflatten(1, (n_chunks, chunk_size)).sum(2)
     return GateForm.FACTORED if bool(-totals.min() <= factored_span_limit(acc)) else GateForm.MASKED
+
+
+def chunk_plan(g: torch.Tensor, chunk: int) -> tuple[GateForm, int]:
+    """The form and chunk size of a call: FACTORED at the largest of chunk, chunk / 2, ... (not below
+    ``MASKED_CHUNK_SIZE``) whose spans are all within the limit (strong gates: shorter chunks keep the fast
+    form), else MASKED at ``min(chunk, MASKED_CHUNK_SIZE)``. g: [B, T, H, D]."""
+    size = chunk
+    while True:
+        if gate_form(g, size) is GateForm.FACTORED:
+            return GateForm.FACTORED, size
+        if size // 2 < MASKED_CHUNK_SIZE:
+            return GateForm.MASKED, min(chunk, MASKED_CHUNK_SIZE)
+        size //= 2
 
 
 def _prefix_suffix(gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,8 +182,8 @@ def gla_forward_chunked(
         g: [B, T, H, D] log gates, g <= 0 (row d of the state decays by exp(g_{t,d}) at step t).
         initial_state: [B, H, D, E] or None (zeros).
         scale: multiplies every output.
-        chunk_size: steps per chunk C, an integer >= 1 (used as min(chunk_size, T), and at most
-            ``MASKED_CHUNK_SIZE`` in the MASKED form).
+        chunk_size: steps per chunk C, an integer >= 1 (used as min(chunk_size, T), halved down to
+            ``MASKED_CHUNK_SIZE`` while gates are too strong for the FACTORED form, see :func:`chunk_plan`).
 
     Returns:
         o: [B, T, H, E] in the input dtype; final_state: [B, H, D, E], float32 for bf16/fp16
@@ -191,8 +204,5 @@ def gla_forward_chunked(
     """
     check_gla_forward_inputs(q, k, v, g, initial_state)
     _check_chunk_size(chunk_size)
-    chunk = min(chunk_size, q.shape[1])
-    form = gate_form(g, chunk)
-    if form is GateForm.MASKED:
-        chunk = min(chunk, MASKED_CHUNK_SIZE)
+    form, chunk = chunk_plan(g, min(chunk_size, q.shape[1]))
     return _GLAChunks.apply(q, k, v, g, initial_state, scale, chunk, form)
