@@ -109,3 +109,17 @@ def test_factored_form_near_its_span_limit_is_as_accurate_as_recurrent_float32(g
     checks = [compare(p, got[p], want[p], tolerance(kinds[p], torch.float32), dtype=torch.float32, baseline=base[p])
               for p in want]
     assert all(c.passed for c in checks), "\n".join(c.describe() for c in checks if not c.passed)
+
+
+def test_a_gate_of_minus_infinity_resets_the_state_without_nan() -> None:
+    """g = -inf in one dimension (a full reset of that state row): finite, equal to the reference, g untouched."""
+    x = build_gla_inputs(GLACase(B=1, T=64, H=1, D=3, E=2, initial_state=True, seed=9), torch.float32, torch.device("cpu"))
+    g = x["g"].clone()
+    g[0, 7, 0, 1] = -float("inf")
+    before = g.clone()
+    o, S = gla_forward_chunked(x["q"], x["k"], x["v"], g, x["initial_state"])
+    want_o, want_S = gla_forward_recurrent(x["q"].double(), x["k"].double(), x["v"].double(), g.double(),
+                                           x["initial_state"].double())
+    assert torch.equal(g, before)
+    assert compare("out/o", o, want_o, tolerance(Kind.VALUE, torch.float32), dtype=torch.float32).passed
+    assert compare("out/final_state", S, want_S, tolerance(Kind.VALUE, torch.float32), dtype=torch.float32).passed

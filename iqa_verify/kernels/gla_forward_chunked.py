@@ -99,6 +99,9 @@ class _GLAChunks(torch.autograd.Function):
         acc = state_dtype_for(q.dtype)
         N = math.ceil(T / chunk)
         qc, kc, gc = (to_chunk_layout(x, N, chunk, acc) for x in (q, k, g))  # [B, H, N, C, D]
+        # a gate of -inf (a full reset) becomes the most negative sum-safe number: exp() is 0 either way, and
+        # the triangular matmul of _prefix_suffix would turn 0 * -inf into NaN (out of place: gc may view g)
+        gc = gc.clamp(min=torch.finfo(acc).min / (2 * chunk))
         vc = to_chunk_layout(v, N, chunk, acc)  # [B, H, N, C, E]
         b, c = _prefix_suffix(gc)
         exp_b, exp_c = b.exp(), c.exp()
