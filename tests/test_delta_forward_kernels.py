@@ -73,3 +73,16 @@ def test_per_dimension_beta_is_rejected_naming_beta(kernel) -> None:
     x = build_delta_inputs(DeltaCase(B=1, T=4, H=1, D=2, E=2), F64, CPU)
     with pytest.raises(IqaVerifyError, match=r"beta.shape=\(1, 4, 1, 2\)"):
         kernel(x["q"], x["k"], x["v"], x["beta"][..., None].expand(-1, -1, -1, 2))
+
+
+def test_a_decay_of_minus_infinity_resets_the_state_without_nan() -> None:
+    x = build_delta_inputs(DeltaCase(B=1, T=64, H=1, D=3, E=2, decay=Decay.MILD, initial_state=True, seed=9),
+                           torch.float32, CPU)
+    g = x["g"].clone()
+    g[0, 7, 0] = -float("inf")
+    before = g.clone()
+    o, S = delta_forward_chunked(x["q"], x["k"], x["v"], x["beta"], g, x["initial_state"])
+    want_o, want_S = delta_forward_recurrent(*(t.double() for t in (x["q"], x["k"], x["v"], x["beta"], g, x["initial_state"])))
+    assert torch.equal(g, before)
+    assert compare("out/o", o, want_o, tolerance(Kind.VALUE, torch.float32), dtype=torch.float32).passed
+    assert compare("out/final_state", S, want_S, tolerance(Kind.VALUE, torch.float32), dtype=torch.float32).passed

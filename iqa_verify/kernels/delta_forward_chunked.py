@@ -83,6 +83,9 @@ class _DeltaChunks(torch.autograd.Function):
             gc = torch.zeros_like(bc)
         else:
             gc = to_chunk_layout(g.unsqueeze(-1), N, chunk, acc).squeeze(-1)
+            # a log-decay of -inf (a full reset) becomes the most negative sum-safe number (exp() is 0 either
+            # way; -inf would give 0 * -inf = NaN in _segment_decay's masked product); out of place, gc may view g
+            gc = gc.clamp(min=torch.finfo(acc).min / (2 * chunk))
         exp_b = gc.cumsum(-1).exp()
         exp_c = F.pad(gc.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1)).exp()
         a = exp_b[..., -1:].unsqueeze(-1)  # [B, H, N, 1, 1]
