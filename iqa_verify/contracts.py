@@ -1,6 +1,7 @@
 """The kernel contracts (public API, ../shared/SPEC.md): argument checks shared by every kernel.
 
-A kernel of a family may call the matching ``check_*_inputs`` first (la_forward, the inverse forms, iqa); it raises
+A kernel of a family may call the matching ``check_*_inputs`` first (la_forward, gla_forward, delta_forward,
+the inverse forms, iqa); it raises
 :class:`~iqa_verify.errors.IqaVerifyError` naming the bad argument and the rule, and returns the
 sizes. Layout is ``(batch, time, heads, dim)`` as in flash-linear-attention.
 """
@@ -25,6 +26,8 @@ from iqa_verify.errors import (
 __all__ = [
     "IQASizes",
     "LASizes",
+    "check_delta_forward_inputs",
+    "check_gla_forward_inputs",
     "check_iqa_forward_inputs",
     "check_la_forward_inputs",
     "check_la_solve_inputs",
@@ -77,6 +80,71 @@ def check_la_forward_inputs(
     check_shape("v", v, (B, T, H, E), "[B, T, H, E]")
     sizes = LASizes(B, T, H, D, E)
     _check_decay_and_state(g, initial_state, sizes, q, {"k": k, "v": v})
+    return sizes
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> LASizes:
+    """q, k: [B, T, H, D]; v: [B, T, H, E]; q floating; T, D, E >= 1 (the shared head of the forward checks)."""
+    check_ndim("q", q, 4, "[B, T, H, D]")
+    check_floating("q", q)
+    B, T, H, D = q.shape
+    check_at_least("T", T, 1, "sequence length")
+    check_at_least("D", D, 1, "key dimension")
+    check_ndim("v", v, 4, "[B, T, H, E]")
+    E = v.shape[-1]
+    check_at_least("E", E, 1, "value dimension")
+    check_shape("k", k, (B, T, H, D), "[B, T, H, D]")
+    check_shape("v", v, (B, T, H, E), "[B, T, H, E]")
+    return LASizes(B, T, H, D, E)
+
+
+def check_gla_forward_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    initial_state: torch.Tensor | None,
+) -> LASizes:
+    """Validate ``gla_forward(q, k, v, g, initial_state)`` arguments (SPEC §6, per-key-dimension gates).
+
+    q, k: [B, T, H, D]; v: [B, T, H, E]; g: [B, T, H, D] (log gate per key dimension);
+    initial_state: [B, H, D, E] or None. All on one device in one floating dtype; T, D, E >= 1.
+    """
+    sizes = _check_qkv(q, k, v)
+    B, T, H, D, E = sizes
+    check_shape("g", g, (B, T, H, D), "[B, T, H, D]")
+    tensors = {"k": k, "v": v, "g": g}
+    if initial_state is not None:
+        check_shape("initial_state", initial_state, (B, H, D, E), "[B, H, D, E]")
+        tensors["initial_state"] = initial_state
+    _check_like(q, tensors)
+    return sizes
+
+
+def check_delta_forward_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+) -> LASizes:
+    """Validate ``delta_forward(q, k, v, beta, g, initial_state)`` arguments (SPEC §6, the delta rule).
+
+    q, k: [B, T, H, D]; v: [B, T, H, E]; beta: [B, T, H]; g: [B, T, H] (log-decay) or None;
+    initial_state: [B, H, D, E] or None. All on one device in one floating dtype; T, D, E >= 1.
+    """
+    sizes = _check_qkv(q, k, v)
+    B, T, H, D, E = sizes
+    check_shape("beta", beta, (B, T, H), "[B, T, H]")
+    tensors = {"k": k, "v": v, "beta": beta}
+    if g is not None:
+        check_shape("g", g, (B, T, H), "[B, T, H]")
+        tensors["g"] = g
+    if initial_state is not None:
+        check_shape("initial_state", initial_state, (B, H, D, E), "[B, H, D, E]")
+        tensors["initial_state"] = initial_state
+    _check_like(q, tensors)
     return sizes
 
 

@@ -54,6 +54,8 @@ class Registry(Generic[T]):
 FAMILIES: Registry[str] = Registry("family")
 for _name, _module in (
     ("la-forward", "properties.la_forward"),
+    ("gla-forward", "properties.gla_forward"),
+    ("delta-forward", "properties.delta_forward"),
     ("la-solve-v", "properties.la_inverse.solve_v"),
     ("la-solve-k", "properties.la_inverse.solve_k"),
     ("la-solve-q", "properties.la_inverse.solve_q"),

@@ -203,7 +203,7 @@ def test_provider_lists_adapters_and_says_what_is_missing(monkeypatch):
     kernels = provider.optional_kernels()
     impls = {k.kernel.impl: k for k in kernels}
     assert "iqa_verify.adapters.fla:chunk_simple_gla" in impls
-    assert {k.family for k in kernels} == {"la-forward", "iqa"}
-    assert all((k.missing is None) == (HAS_FLA if k.family == "la-forward" else HAS_DEQ) for k in kernels)
+    assert {k.family for k in kernels} == {"la-forward", "gla-forward", "delta-forward", "iqa"}
+    assert all((k.missing is None) == (HAS_DEQ if k.family == "iqa" else HAS_FLA) for k in kernels)
     monkeypatch.setattr(provider.importlib.util, "find_spec", lambda name: None)
     assert all(k.missing and "not installed" in k.missing for k in provider.optional_kernels())

@@ -30,6 +30,8 @@ BUDGET_S = 2.0
 KNOWN_FINDINGS = {
     ("iqa_verify.adapters.fla:chunk_simple_gla", "float32"): {"la-forward/gradients"},
     ("iqa_verify.adapters.torchdeq:torchdeq_default", "float32"): {"iqa/fixed-point"},
+    # forward only: fla raises NotImplementedError in the backward of every case
+    ("iqa_verify.adapters.fla_gated:fused_recurrent_gated_delta_rule", "float32"): {"delta-forward/gradients"},
 }
 
 _AVAILABLE = [o for o in optional_kernels() if o.third_party]

@@ -1,0 +1,62 @@
+"""The ``delta-forward`` family: the delta rule, gated when a log-decay is given (SPEC.md §6)."""
+
+from __future__ import annotations
+
+import torch
+
+from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
+from properties.delta_forward.cases import DeltaCase, build_delta_inputs, delta_cases, pinned_delta_cases
+from properties.generic import shared_properties
+from reference.delta_forward import delta_forward_baseline, delta_forward_ref
+
+__all__ = ["FAMILY"]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _build(spec: DeltaCase, dtype: torch.dtype, device: torch.device) -> Case:
+    return Case(spec=spec, inputs=build_delta_inputs(spec, dtype, device), kwargs={"scale": spec.scale}, dtype=dtype,
+                device=device)
+
+
+def _output_contract(case: Case) -> dict[str, OutputSpec]:
+    s, dtype = case.spec, case.dtype
+    state_dtypes = (dtype, torch.float32) if dtype in _LOW_PRECISION else (dtype,)
+    return {
+        "o": OutputSpec((s.B, s.T, s.H, s.E), (dtype,)),
+        "final_state": OutputSpec((s.B, s.H, s.D, s.E), state_dtypes),
+    }
+
+
+def _differentiable(case: Case) -> tuple[str, ...]:
+    return ("q", "k", "v", "beta") + tuple(n for n in ("g", "initial_state") if case.inputs[n] is not None)
+
+
+def _named(fn):
+    def call(inputs, kwargs):
+        o, state = fn(*inputs.values(), **kwargs)
+        return {"o": o, "final_state": state}
+
+    return call
+
+
+FAMILY = Family(
+    name="delta-forward",
+    signature="delta_forward(q, k, v, beta, g=None, initial_state=None, *, scale=1.0) -> (o, final_state)",
+    output_names=("o", "final_state"),
+    cases=delta_cases,
+    pinned=pinned_delta_cases,
+    spec_from_json=DeltaCase.from_json,
+    build=_build,
+    output_contract=_output_contract,
+    differentiable=_differentiable,
+    reference=_named(delta_forward_ref),
+    baseline=_named(delta_forward_baseline),
+    properties=shared_properties("delta-forward"),
+    builtin_kernels=(
+        BuiltinKernel("iqa_verify.kernels.delta_forward_recurrent:delta_forward_recurrent",
+                      "loop over time, float32 state for bf16/fp16"),
+        BuiltinKernel("iqa_verify.kernels.delta_forward_chunked:delta_forward_chunked",
+                      "chunked (64 steps): WY / UT triangular solve per chunk, hand-written backward"),
+    ),
+)

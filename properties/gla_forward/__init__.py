@@ -1,0 +1,62 @@
+"""The ``gla-forward`` family: linear attention with per-key-dimension gates and an initial state (SPEC.md §6)."""
+
+from __future__ import annotations
+
+import torch
+
+from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
+from properties.generic import shared_properties
+from properties.gla_forward.cases import GLACase, build_gla_inputs, gla_cases, pinned_gla_cases
+from reference.gla_forward import gla_forward_baseline, gla_forward_ref
+
+__all__ = ["FAMILY"]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _build(spec: GLACase, dtype: torch.dtype, device: torch.device) -> Case:
+    return Case(spec=spec, inputs=build_gla_inputs(spec, dtype, device), kwargs={"scale": spec.scale}, dtype=dtype,
+                device=device)
+
+
+def _output_contract(case: Case) -> dict[str, OutputSpec]:
+    s, dtype = case.spec, case.dtype
+    state_dtypes = (dtype, torch.float32) if dtype in _LOW_PRECISION else (dtype,)
+    return {
+        "o": OutputSpec((s.B, s.T, s.H, s.E), (dtype,)),
+        "final_state": OutputSpec((s.B, s.H, s.D, s.E), state_dtypes),
+    }
+
+
+def _differentiable(case: Case) -> tuple[str, ...]:
+    return ("q", "k", "v", "g") + (("initial_state",) if case.inputs["initial_state"] is not None else ())
+
+
+def _named(fn):
+    def call(inputs, kwargs):
+        o, state = fn(*inputs.values(), **kwargs)
+        return {"o": o, "final_state": state}
+
+    return call
+
+
+FAMILY = Family(
+    name="gla-forward",
+    signature="gla_forward(q, k, v, g, initial_state=None, *, scale=1.0) -> (o, final_state)",
+    output_names=("o", "final_state"),
+    cases=gla_cases,
+    pinned=pinned_gla_cases,
+    spec_from_json=GLACase.from_json,
+    build=_build,
+    output_contract=_output_contract,
+    differentiable=_differentiable,
+    reference=_named(gla_forward_ref),
+    baseline=_named(gla_forward_baseline),
+    properties=shared_properties("gla-forward"),
+    builtin_kernels=(
+        BuiltinKernel("iqa_verify.kernels.gla_forward_recurrent:gla_forward_recurrent",
+                      "loop over time, float32 state for bf16/fp16"),
+        BuiltinKernel("iqa_verify.kernels.gla_forward_chunked:gla_forward_chunked",
+                      "chunked (64 steps): per-dimension factored or masked scores, hand-written backward"),
+    ),
+)

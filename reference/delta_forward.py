@@ -1,0 +1,106 @@
+"""Float64 reference and the same-precision baseline for the delta rule (family ``delta-forward``).
+
+Every function here follows the kernel contract of SPEC §6 (delta rule, gated when g is given)::
+
+    f(q, k, v, beta, g=None, initial_state=None, *, scale=1.0) -> (o, final_state)
+      q, k : [B, T, H, D]    v : [B, T, H, E]    beta : [B, T, H] in [0, 1]
+      g    : [B, T, H] log-decay (g <= 0) or None (no decay)
+      initial_state : [B, H, D, E] or None (zeros)
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T     (per batch and head; S_t is [D, E])
+    o_t = scale * S_t^T q_t                                             final_state = S_T
+
+computed as ``S' = exp(g_t) S_{t-1}``, ``S_t = S' + beta_t k_t (v_t - S'^T k_t)^T`` (the same, since the decay
+is a scalar): the state "reads" its prediction ``S'^T k_t`` for the key and moves it a fraction beta_t towards v_t.
+
+:func:`delta_forward_recurrent_ref` (the default :data:`delta_forward_ref`) runs this step by step in
+float64: every value and autograd gradient is a product of bounded factors (unit or smaller keys keep the
+transition's eigenvalues in [0, 1]), so it is finite in every regime the cases draw. Its independent checks
+are the sympy closed forms of :mod:`reference.delta_forward_sympy` and, for beta = 1 / g = None / one step,
+hand-derived special cases (``tests/test_reference_delta_forward.py``).
+
+:func:`delta_forward_baseline` is the same-precision baseline of SPEC §5: the recurrence in the kernel's
+accumulation dtype (float32 for bf16/fp16 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from iqa_verify.contracts import check_delta_forward_inputs, state_dtype_for
+
+__all__ = ["delta_forward_baseline", "delta_forward_recurrent_ref", "delta_forward_ref"]
+
+
+def _recurrence(q, k, v, beta, g, initial_state, scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence in ``dtype``; returns o [B, T, H, E] and S_T [B, H, D, E], both in ``dtype``."""
+    B, T, H, D, E = check_delta_forward_inputs(q, k, v, beta, g, initial_state)
+    Q, K, V = (x.to(dtype).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D|E]
+    Beta = beta.to(dtype).transpose(1, 2)  # [B, H, T]
+    decay = None if g is None else torch.exp(g.to(dtype)).transpose(1, 2)
+    S = torch.zeros(B, H, D, E, dtype=dtype, device=q.device) if initial_state is None else initial_state.to(dtype)
+    outputs = []
+    for t in range(T):
+        if decay is not None:
+            S = decay[..., t, None, None] * S
+        k_t = K[..., t, :]
+        predicted = (k_t.unsqueeze(-2) @ S).squeeze(-2)  # S'^T k_t: [B, H, E]
+        S = S + (Beta[..., t, None] * k_t).unsqueeze(-1) * (V[..., t, :] - predicted).unsqueeze(-2)
+        outputs.append((Q[..., t, None, :] @ S).squeeze(-2))  # S_t^T q_t: [B, H, E]
+    return scale * torch.stack(outputs, dim=1), S
+
+
+def delta_forward_recurrent_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 reference by the recurrence, one step at a time, on the inputs' device.
+
+    Args:
+        q, k: [B, T, H, D]; v: [B, T, H, E]; beta: [B, T, H]; g: [B, T, H] log-decay or None;
+        any one floating dtype.
+        initial_state: [B, H, D, E] or None (zeros).
+        scale: multiplies every output.
+
+    Math (per batch and head)::
+
+        S' = exp(g_t) S_{t-1}   (S' = S_{t-1} when g is None)
+        S_t = S' + beta_t k_t (v_t - S'^T k_t)^T = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+        o_t = scale * S_t^T q_t
+
+    Returns:
+        ``(o, S_T)``: o [B, T, H, E] and S_T [B, H, D, E], both float64. Differentiable in every input.
+    """
+    return _recurrence(q, k, v, beta, g, initial_state, scale, torch.float64)
+
+
+delta_forward_ref = delta_forward_recurrent_ref
+"""The default float64 reference of the family: :func:`delta_forward_recurrent_ref`."""
+
+
+def delta_forward_baseline(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same-precision baseline (SPEC §5): the recurrence in the kernel's accumulation dtype.
+
+    Args as :func:`delta_forward_recurrent_ref`, all in one dtype ``x``. The inputs are cast to
+    ``acc = state_dtype_for(x)`` (float32 for bf16/fp16), the recurrence runs in ``acc``, o is cast back.
+
+    Returns:
+        ``(o, S_T)``: o [B, T, H, E] in ``x``; S_T [B, H, D, E] in ``acc``.
+    """
+    o, state = _recurrence(q, k, v, beta, g, initial_state, scale, state_dtype_for(q.dtype))
+    return o.to(q.dtype), state
