@@ -30,6 +30,8 @@ def _recurrent(q, k, v, g, initial_state, scale, bug: str = ""):
     else:
         qh, kh, vh, gh = (x.transpose(1, 2) for x in (q, k, v, g))
     qh, kh, vh, gh = (x.to(acc) for x in (qh, kh, vh, gh))
+    if bug == "key-dims-32":  # a tiled key loop whose bound is the tile, not D: dims >= 32 never enter the state
+        kh = kh * (torch.arange(D, device=q.device) < 32).to(acc)
     if bug == "decay-not-differentiated":
         gh = gh.detach()
     if initial_state is None:
@@ -183,6 +185,47 @@ def output_in_accumulation_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
     return o.to(state_dtype_for(q.dtype)), S
 
 
+def key_loop_first_32_dims(q, k, v, g, initial_state=None, *, scale=1.0):
+    """The key loop covers the first 32 key dimensions only (one tile): right for every D <= 32."""
+    return _recurrent(q, k, v, g, initial_state, scale, "key-dims-32")
+
+
+class _ContiguousCotangentAssumed(torch.autograd.Function):
+    """Recurrent forward; the backward reads the final-state cotangent ``dht`` as if it were contiguous
+    (the raw storage with contiguous strides), like a Triton backward that is handed ``dht.data_ptr()``
+    without a ``.contiguous()`` (fla #1138: a non-contiguous dht gave a wrong dh0)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale):
+        ctx.save_for_backward(q, k, v, g, initial_state)
+        ctx.scale = scale
+        with torch.no_grad():
+            return _recurrent(q, k, v, g, initial_state, scale)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        saved = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in saved]
+        shape = dht.shape
+        strides = [1] * len(shape)
+        for d in range(len(shape) - 2, -1, -1):
+            strides[d] = strides[d + 1] * shape[d + 1]
+        storage = torch.empty(0, dtype=dht.dtype, device=dht.device).set_(dht.untyped_storage())
+        need = dht.storage_offset() + dht.numel()
+        flat = torch.cat([storage, storage.new_zeros(max(0, need - storage.numel()))])
+        dht_read = flat.as_strided(shape, strides, dht.storage_offset())
+        with torch.enable_grad():
+            o, S = _recurrent(*leaves, ctx.scale)
+            wrt = [t for t in leaves if t is not None]
+            grads = iter(torch.autograd.grad((o, S), wrt, (do, dht_read), allow_unused=True))
+        return (*[next(grads) if t is not None else None for t in leaves], None)
+
+
+def cotangent_read_as_contiguous(q, k, v, g, initial_state=None, *, scale=1.0):
+    """A hand-written backward that reads the final-state cotangent as if contiguous."""
+    return _ContiguousCotangentAssumed.apply(q, k, v, g, initial_state, scale)
+
+
 def _bug(kernel: str, dtype: str, caught_by: tuple[str, ...], kind: str) -> PlantedBug:
     return PlantedBug(__file__, "la-forward", kernel, dtype, caught_by, kind)
 
@@ -208,4 +251,6 @@ BUGS: tuple[PlantedBug, ...] = (
     _bug("scales_values_in_place", "float32", (_p("inputs-unchanged"),), "modifies its input v in place"),
     _bug("state_cached_across_calls", "float32", (_p("deterministic"),), "hidden state carried across calls"),
     _bug("output_in_accumulation_dtype", "bfloat16", (_p("contract"),), "returns float32 o for bf16 inputs"),
+    _bug("key_loop_first_32_dims", "float32", (_p("values"),), "key loop covers the first 32 head dims only"),
+    _bug("cotangent_read_as_contiguous", "float32", (_p("gradients"),), "backward reads dht as contiguous"),
 )
