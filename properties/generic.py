@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -142,14 +142,20 @@ def _baseline_forward_backward(ctx: PropertyContext, cots: Tensors) -> ForwardBa
 def run_forward_backward(ctx: PropertyContext, cots: Tensors, inputs: Mapping[str, torch.Tensor | None] | None = None,
                          kwargs: Mapping[str, object] | None = None) -> ForwardBackward:
     """The kernel's outputs and gradients of <cots, outputs> on ``inputs``/``kwargs`` (default: the case's);
-    a detached output is a Violation that says so."""
+    a detached output is a Violation that says so.
+
+    The differentiable inputs are those of the inputs actually passed (an initial state a property adds is
+    differentiated). Output shapes are checked against the contract for the case's own inputs only: a
+    property that passes inputs of other shapes checks the shapes it expects itself."""
     case, fam = ctx.case, ctx.family
-    diff = fam.differentiable(case)
+    own = inputs is None
     inputs = dict(case.inputs if inputs is None else inputs)
+    diff = fam.differentiable(case if own else replace(case, inputs=inputs))
     leaves = {n: inputs[n].detach().requires_grad_() for n in diff}
     with torch.enable_grad():
         outs = ctx.call({**inputs, **leaves}, kwargs)
-        _check_shapes(ctx, outs)
+        if own:
+            _check_shapes(ctx, outs)
         detached = [n for n in cots if not outs[n].requires_grad]
         if detached:
             raise Violation(
