@@ -33,7 +33,7 @@ from iqa_verify.tolerances import Kind, tolerance
 from properties.generic import ForwardBackward, cotangents_for, run_forward_backward
 from properties.la_forward.cases import build_la_inputs
 
-__all__ = ["magnitude_bounds", "metamorphic_properties"]
+__all__ = ["check_runs", "far_from", "free_inputs", "grad_or_zeros", "magnitude_bounds", "metamorphic_properties"]
 
 Inputs = dict[str, torch.Tensor | None]
 _SEQ = ("q", "k", "v", "g")  # inputs with a time axis (dim 1)
@@ -144,14 +144,14 @@ def _run(ctx: PropertyContext, inputs: Inputs, cots: dict[str, torch.Tensor], wh
                            {n: (t.detach().clone() if t is not None else None) for n, t in res.grads.items()})
 
 
-def _grad(fb: ForwardBackward, name: str, like: torch.Tensor | None) -> torch.Tensor | None:
+def grad_or_zeros(fb: ForwardBackward, name: str, like: torch.Tensor | None) -> torch.Tensor | None:
     g = fb.grads.get(name)
     if g is None and like is not None:
         return torch.zeros_like(like, dtype=torch.float64)
     return g
 
 
-def _check(path: str, got: torch.Tensor, want: torch.Tensor, kind: Kind, dtype: torch.dtype, bound: float,
+def check_runs(path: str, got: torch.Tensor, want: torch.Tensor, kind: Kind, dtype: torch.dtype, bound: float,
            against: str) -> TensorCheck:
     """compare() with the magnitude bound as the atol scale; ``against`` names the run in the "reference" slot.
 
@@ -184,7 +184,7 @@ def _split_point(T: int, on_boundary: bool) -> int | None:
     return p - 1 if p % 16 == 0 else p
 
 
-def _far(like: Inputs, start: int, gen: torch.Generator) -> Inputs:
+def far_from(like: Inputs, start: int, gen: torch.Generator) -> Inputs:
     """Inputs far from the case's at time positions >= start: entries 10x the largest |entry| of q, k, v and
     strong gates g ~ -U(20, 60) (the state forgets within a step, exp(-60) is far below float32's eps)."""
     out: Inputs = {}
@@ -225,23 +225,23 @@ def _state_handoff(ctx: PropertyContext) -> None:
     handed = _state_dtype_input(first_fwd["final_state"], x["q"])
     second = _run(ctx, _slice_inputs(x, P, T, handed),
                   {"o": cots["o"][:, P:], "final_state": cots["final_state"]}, f"the call on [{P}, {T})")
-    d_handed = _grad(second, "initial_state", handed)
+    d_handed = grad_or_zeros(second, "initial_state", handed)
     first = _run(ctx, _slice_inputs(x, 0, P, x["initial_state"]),
                  {"o": cots["o"][:, :P], "final_state": d_handed.detach()}, f"the call on [0, {P})")
     bounds = magnitude_bounds(x, ctx.case.kwargs.get("scale", 1.0), cots)
     ONE = f"one call on [0, {T})"
     where = f"split at P={P} ({'on' if on_boundary else 'off'} a chunk boundary) of T={T}"
     checks = [
-        _check("out/o", torch.cat([first.outputs["o"], second.outputs["o"]], 1), full.outputs["o"], Kind.METAMORPHIC, dtype, bounds["o"], ONE),
-        _check("out/final_state", second.outputs["final_state"], full.outputs["final_state"], Kind.METAMORPHIC, dtype,
+        check_runs("out/o", torch.cat([first.outputs["o"], second.outputs["o"]], 1), full.outputs["o"], Kind.METAMORPHIC, dtype, bounds["o"], ONE),
+        check_runs("out/final_state", second.outputs["final_state"], full.outputs["final_state"], Kind.METAMORPHIC, dtype,
                bounds["final_state"], ONE),
     ]
     for n in _SEQ:
-        got = torch.cat([_grad(first, n, x[n][:, :P]), _grad(second, n, x[n][:, P:])], 1)
-        checks.append(_check(f"grad/d{n}", got, _grad(full, n, x[n]), Kind.METAMORPHIC_GRAD, dtype, bounds[n], ONE))
+        got = torch.cat([grad_or_zeros(first, n, x[n][:, :P]), grad_or_zeros(second, n, x[n][:, P:])], 1)
+        checks.append(check_runs(f"grad/d{n}", got, grad_or_zeros(full, n, x[n]), Kind.METAMORPHIC_GRAD, dtype, bounds[n], ONE))
     if x["initial_state"] is not None:
-        checks.append(_check("grad/dinitial_state", _grad(first, "initial_state", x["initial_state"]),
-                             _grad(full, "initial_state", x["initial_state"]), Kind.METAMORPHIC_GRAD, dtype,
+        checks.append(check_runs("grad/dinitial_state", grad_or_zeros(first, "initial_state", x["initial_state"]),
+                             grad_or_zeros(full, "initial_state", x["initial_state"]), Kind.METAMORPHIC_GRAD, dtype,
                              bounds["initial_state"], ONE))
     ctx.require(checks, f"running [0, P) then [P, T) from the returned state differs from one call ({where})")
 
@@ -252,7 +252,7 @@ def _causality(ctx: PropertyContext) -> None:
     P = _split_point(T, on_boundary=False)
     if P is None:
         return
-    y = _far(x, P, _gen(ctx, 1))
+    y = far_from(x, P, _gen(ctx, 1))
     cots = _cots(ctx, x)
     # cotangents on outputs before P only: then nothing at or after P may receive a gradient
     do = cots["o"].clone()
@@ -264,16 +264,16 @@ def _causality(ctx: PropertyContext) -> None:
     ba, bb = magnitude_bounds(x, scale, past), magnitude_bounds(y, scale, past)
     bound = {n: max(ba[n], bb[n]) for n in ba}
     orig, zero = "the run on the case's own inputs", "zero (nothing at or after P may receive gradient)"
-    checks = [_check("out/o[:, :P]", b.outputs["o"][:, :P], a.outputs["o"][:, :P], Kind.METAMORPHIC, dtype, bound["o"], orig)]
+    checks = [check_runs("out/o[:, :P]", b.outputs["o"][:, :P], a.outputs["o"][:, :P], Kind.METAMORPHIC, dtype, bound["o"], orig)]
     for n in _SEQ:
-        ga, gb = _grad(a, n, x[n]), _grad(b, n, y[n])
-        checks.append(_check(f"grad/d{n}[:, :P]", gb[:, :P], ga[:, :P], Kind.METAMORPHIC_GRAD, dtype, bound[n], orig))
+        ga, gb = grad_or_zeros(a, n, x[n]), grad_or_zeros(b, n, y[n])
+        checks.append(check_runs(f"grad/d{n}[:, :P]", gb[:, :P], ga[:, :P], Kind.METAMORPHIC_GRAD, dtype, bound[n], orig))
         for tag, gr in (("", ga), (" (future replaced)", gb)):
-            checks.append(_check(f"grad/d{n}[:, P:]{tag}", gr[:, P:], torch.zeros_like(gr[:, P:], dtype=torch.float64),
+            checks.append(check_runs(f"grad/d{n}[:, P:]{tag}", gr[:, P:], torch.zeros_like(gr[:, P:], dtype=torch.float64),
                                  Kind.METAMORPHIC_GRAD, dtype, bound[n], zero))
     if x["initial_state"] is not None:
-        checks.append(_check("grad/dinitial_state", _grad(b, "initial_state", x["initial_state"]),
-                             _grad(a, "initial_state", x["initial_state"]), Kind.METAMORPHIC_GRAD, dtype,
+        checks.append(check_runs("grad/dinitial_state", grad_or_zeros(b, "initial_state", x["initial_state"]),
+                             grad_or_zeros(a, "initial_state", x["initial_state"]), Kind.METAMORPHIC_GRAD, dtype,
                              bound["initial_state"], orig))
     ctx.require(checks, f"the future leaks into the past: inputs at positions >= P={P} of T={T} change outputs or"
                         " gradients before P (or receive gradient from cotangents before P)")
@@ -281,7 +281,7 @@ def _causality(ctx: PropertyContext) -> None:
 
 def _with_far_neighbour(x: Inputs, gen: torch.Generator) -> Inputs:
     """x with one more sequence appended to the batch: sequence 0's shapes, every entry far from the others."""
-    far = _far({n: (t[:1] if t is not None else None) for n, t in x.items()}, 0, gen)
+    far = far_from({n: (t[:1] if t is not None else None) for n, t in x.items()}, 0, gen)
     out: Inputs = {n: torch.cat([x[n].detach(), far[n]], 0) for n in _SEQ}
     s0 = x["initial_state"]
     if s0 is not None:
@@ -311,12 +311,12 @@ def _sequence_independence(ctx: PropertyContext) -> None:
         alone = _run(ctx, xs, cs, what)
         bound = magnitude_bounds(xs, scale, cs)
         for n in ("o", "final_state"):
-            checks.append(_check(f"out/{n}{tag}", together.outputs[n][rows], alone.outputs[n], Kind.METAMORPHIC, dtype,
+            checks.append(check_runs(f"out/{n}{tag}", together.outputs[n][rows], alone.outputs[n], Kind.METAMORPHIC, dtype,
                                  bound[n], what))
         for n in _GRAD_NAMES:
             if xs[n] is None:
                 continue
-            checks.append(_check(f"grad/d{n}{tag}", _grad(together, n, xb[n])[rows], _grad(alone, n, xs[n]),
+            checks.append(check_runs(f"grad/d{n}{tag}", grad_or_zeros(together, n, xb[n])[rows], grad_or_zeros(alone, n, xs[n]),
                                  Kind.METAMORPHIC_GRAD, dtype, bound[n], what))
     ctx.require(checks, f"a sequence's results depend on its neighbours: in a batch of {B} (the last one far from the"
                         " others: 10x the values, strong gates) they differ from the runs without that neighbour")
