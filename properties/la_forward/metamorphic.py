@@ -59,7 +59,12 @@ def magnitude_bounds(inputs: Inputs, scale: float, cots: dict[str, torch.Tensor]
         dg_t = sum_{s >= t} (q_s . dq_s - k_s . dk_s) standard kernels use; the larger of the two)
 
     Each bound is the max over batch, heads and time, as a float. Any summation order of those terms has a
-    rounding error within n eps of the bound, which is what ``Kind.METAMORPHIC`` allows.
+    rounding error within n eps of the bound, which is what ``Kind.METAMORPHIC`` allows (64 eps).
+
+    Every bound is then multiplied by ``1 + max|b| / 64``, ``b = cumsum(g)`` within each sequence: a kernel
+    that takes ``exp(b_i - b_j)`` from a cumulative sum in its accumulation dtype (a standard algorithm,
+    SPEC §5) has an exponent error of eps |b_i|, a relative error of each term that 64 eps alone would not
+    admit once the cumulative log-decay passes 64 nats (strong decay over long sequences).
     """
     f64 = torch.float64
     q, k, v, g = (inputs[n].detach().to(f64) for n in _SEQ)
@@ -76,7 +81,8 @@ def magnitude_bounds(inputs: Inputs, scale: float, cots: dict[str, torch.Tensor]
     m_all = torch.stack(ms, 1)  # [B, T, H]: bound on |S_t|
     sc = abs(float(scale))
     q1, k1, v1 = q.abs().sum(-1), k.abs().sum(-1), v.abs().sum(-1)
-    out = {"o": float((sc * q1 * m_all).max()), "final_state": float(m_all[:, -1].max())}
+    widen = 1.0 + float(g.cumsum(1).abs().max()) / 64.0
+    out = {"o": widen * float((sc * q1 * m_all).max()), "final_state": widen * float(m_all[:, -1].max())}
     if cots is None:
         return out
     do = cots["o"].detach().to(f64)
@@ -93,8 +99,8 @@ def magnitude_bounds(inputs: Inputs, scale: float, cots: dict[str, torch.Tensor]
                         m_all[:, :-1]], 1)
     dg_direct = D * E * m_prev * n_all
     dg_identity = (q1 * dq + k1 * dk).sum(1)  # [B, H]
-    out.update(q=float(dq.max()), k=float(dk.max()), v=float(dv.max()),
-               g=max(float(dg_direct.max()), float(dg_identity.max())), initial_state=float(n_all[:, 0].max()))
+    out.update(q=widen * float(dq.max()), k=widen * float(dk.max()), v=widen * float(dv.max()),
+               g=widen * max(float(dg_direct.max()), float(dg_identity.max())), initial_state=widen * float(n_all[:, 0].max()))
     return out
 
 
