@@ -12,7 +12,8 @@ ids ``la-forward/<name>``:
 - ``sequence-independence``: in a batch with a neighbour whose inputs are far from the others' (large
   values, strong gates), every sequence's outputs and gradients equal those of the sequence run alone.
 
-They need no float64 reference, so they run at the spec's ``free_T`` when it is set (lengths where the
+They need no float64 reference, so they run at the spec's ``free_T`` when it is set (sequence independence
+at the shorter of T and free_T) (lengths where the
 reference is slow: dev and thorough draw up to 4k and 16k). None may demand bitwise equality: a correct
 chunked kernel computes the two runs in different orders (chunk boundaries move, the decay form is chosen
 per call). The allowance is ``Kind.METAMORPHIC`` (``METAMORPHIC_GRAD``) of the tolerance table in units of
@@ -302,8 +303,10 @@ def _with_far_neighbour(x: Inputs, gen: torch.Generator) -> Inputs:
 def _sequence_independence(ctx: PropertyContext) -> None:
     """Three runs whatever B: the case's batch with a far neighbour appended, the far neighbour alone, and the
     case's batch alone; each sequence of the first is judged against the run without the others' kind of
-    neighbour."""
-    x = free_inputs(ctx)
+    neighbour. At the shorter of T and free_T: the neighbour's effect shows at any length."""
+    spec = ctx.case.spec
+    short = min(spec.T, spec.free_T) if getattr(spec, "free_T", 0) else spec.T
+    x = dict(ctx.case.inputs) if short == spec.T else build_la_inputs(replace(spec, T=short), ctx.case.dtype, ctx.case.device)
     xb = _with_far_neighbour(x, _gen(ctx, 2))
     B = xb["q"].shape[0]
     cots = _cots(ctx, xb)
