@@ -99,7 +99,7 @@ class LACase:
             parts.append(f"scale={self.scale:g}")
         if self.cotangents is not CotangentLayout.CONTIGUOUS:
             parts.append(f"cotangents {self.cotangents.value}")
-        if self.free_T:
+        if self.free_T and self.free_T != self.T:
             parts.append(f"reference-free properties at T={self.free_T}")
         return ", ".join(parts)
 
