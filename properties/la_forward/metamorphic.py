@@ -159,7 +159,7 @@ def grad_or_zeros(fb: ForwardBackward, name: str, like: torch.Tensor | None) -> 
 
 
 def check_runs(path: str, got: torch.Tensor, want: torch.Tensor, kind: Kind, dtype: torch.dtype, bound: float,
-           against: str) -> TensorCheck:
+               against: str) -> TensorCheck:
     """compare() with the magnitude bound as the atol scale; ``against`` names the run in the "reference" slot.
 
     The bound is floored so that the allowance is at least two ulps of the dtype's subnormal range: fp16
@@ -236,20 +236,20 @@ def _state_handoff(ctx: PropertyContext) -> None:
     first = _run(ctx, _slice_inputs(x, 0, P, x["initial_state"]),
                  {"o": cots["o"][:, :P], "final_state": d_handed.detach()}, f"the call on [0, {P})")
     bounds = magnitude_bounds(x, ctx.case.kwargs.get("scale", 1.0), cots)
-    ONE = f"one call on [0, {T})"
+    one_call = f"one call on [0, {T})"
     where = f"split at P={P} ({'on' if on_boundary else 'off'} a chunk boundary) of T={T}"
     checks = [
-        check_runs("out/o", torch.cat([first.outputs["o"], second.outputs["o"]], 1), full.outputs["o"], Kind.METAMORPHIC, dtype, bounds["o"], ONE),
+        check_runs("out/o", torch.cat([first.outputs["o"], second.outputs["o"]], 1), full.outputs["o"], Kind.METAMORPHIC, dtype, bounds["o"], one_call),
         check_runs("out/final_state", second.outputs["final_state"], full.outputs["final_state"], Kind.METAMORPHIC, dtype,
-               bounds["final_state"], ONE),
+               bounds["final_state"], one_call),
     ]
     for n in _SEQ:
         got = torch.cat([grad_or_zeros(first, n, x[n][:, :P]), grad_or_zeros(second, n, x[n][:, P:])], 1)
-        checks.append(check_runs(f"grad/d{n}", got, grad_or_zeros(full, n, x[n]), Kind.METAMORPHIC_GRAD, dtype, bounds[n], ONE))
+        checks.append(check_runs(f"grad/d{n}", got, grad_or_zeros(full, n, x[n]), Kind.METAMORPHIC_GRAD, dtype, bounds[n], one_call))
     if x["initial_state"] is not None:
         checks.append(check_runs("grad/dinitial_state", grad_or_zeros(first, "initial_state", x["initial_state"]),
                              grad_or_zeros(full, "initial_state", x["initial_state"]), Kind.METAMORPHIC_GRAD, dtype,
-                             bounds["initial_state"], ONE))
+                             bounds["initial_state"], one_call))
     ctx.require(checks, f"running [0, P) then [P, T) from the returned state differs from one call ({where})")
 
 
