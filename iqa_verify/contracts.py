@@ -26,6 +26,7 @@ from iqa_verify.errors import (
 __all__ = [
     "IQASizes",
     "LASizes",
+    "check_cu_seqlens",
     "check_delta_forward_inputs",
     "check_gla_forward_inputs",
     "check_iqa_forward_inputs",
@@ -56,18 +57,52 @@ def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
+def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int, device: torch.device) -> int:
+    """Validate a packed batch's ``cu_seqlens`` (SPEC §6) for inputs [B, T, ...]; returns N, the number of
+    sequences. Rules: int64 [N + 1] on the inputs' device, N >= 1, cu[0] = 0, strictly increasing (every
+    length >= 1), cu[N] <= T (positions from cu[N] on are padding), and B = 1."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise IqaVerifyError(f"cu_seqlens={cu_seqlens!r}: must be an int64 tensor [N + 1]")
+    check_ndim("cu_seqlens", cu_seqlens, 1, "[N + 1]")
+    check_dtype("cu_seqlens", cu_seqlens, torch.int64)
+    check_same_device("cu_seqlens", cu_seqlens, device)
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    if len(cu) < 2:
+        raise IqaVerifyError(f"cu_seqlens={cu}: must hold N + 1 >= 2 offsets (at least one sequence)")
+    if cu[0] != 0:
+        raise IqaVerifyError(f"cu_seqlens={cu}: must start at 0")
+    if any(b <= a for a, b in zip(cu, cu[1:])):
+        raise IqaVerifyError(f"cu_seqlens={cu}: must be strictly increasing (every sequence length >= 1)")
+    if cu[-1] > T:
+        raise IqaVerifyError(f"cu_seqlens={cu}: the last offset must be <= T={T}")
+    if B != 1:
+        raise IqaVerifyError(f"B={B}: a packed batch (cu_seqlens given) must have batch size 1")
+    return len(cu) - 1
+
+
 def check_la_forward_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     g: torch.Tensor,
     initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> LASizes:
-    """Validate ``la_forward(q, k, v, g, initial_state)`` arguments.
+    """Validate ``la_forward(q, k, v, g, initial_state, cu_seqlens=cu_seqlens)`` arguments.
 
     q, k: [B, T, H, D]; v: [B, T, H, E]; g: [B, T, H]; initial_state: [B, H, D, E] or None.
-    All on one device in one floating dtype; T >= 1, D >= 1, E >= 1.
+    All on one device in one floating dtype; T >= 1, D >= 1, E >= 1. With ``cu_seqlens`` (a packed batch,
+    see :func:`check_cu_seqlens`) B = 1 and initial_state is [N, H, D, E]; the returned sizes still say B = 1.
     """
+    if cu_seqlens is not None:
+        check_ndim("q", q, 4, "[1, T, H, D]")
+        N = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], q.device)
+        if initial_state is not None:
+            check_shape("initial_state", initial_state, (N, *q.shape[2:3], q.shape[3], v.shape[-1]), "[N, H, D, E]")
+        sizes = check_la_forward_inputs(q, k, v, g, None)
+        if initial_state is not None:
+            _check_like(q, {"initial_state": initial_state})
+        return sizes
     check_ndim("q", q, 4, "[B, T, H, D]")
     check_floating("q", q)
     B, T, H, D = q.shape

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from iqa_verify.poison import nan_poisoned_allocations
+from iqa_verify.wire import cast_keeping_layout
 
 __all__ = ["KernelCall", "ExtraCall", "KernelError", "CallOutcome", "execute", "global_state", "accepts_keyword"]
 
@@ -133,14 +134,6 @@ def _error(phase: str, exc: BaseException) -> KernelError:
     return KernelError(phase, type(exc).__name__, text.strip() or "(no message)", tail, unusable)
 
 
-def _cast_keep_layout(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``c`` in ``like``'s dtype and device with c's own strides (expanded and transposed views stay so)."""
-    if c.dtype == like.dtype and c.device == like.device:
-        return c
-    flat = torch.empty(0, dtype=c.dtype, device=c.device).set_(c.untyped_storage())
-    return flat.to(device=like.device, dtype=like.dtype).as_strided(c.shape, c.stride(), c.storage_offset())
-
-
 def _describe_return(raw: Any) -> tuple[tuple[torch.Tensor, ...] | None, str]:
     """The returned tensors (None unless every item is a tensor) and what was returned, in words."""
     items = raw if isinstance(raw, (tuple, list)) else (raw,)
@@ -172,7 +165,7 @@ def _forward_backward(kernel: Callable[..., Any], call: KernelCall, out: CallOut
             return
         try:
             grads = torch.autograd.grad([outputs[i] for i in keep], list(leaves.values()),
-                                        [_cast_keep_layout(call.cotangents[i], outputs[i]) for i in keep],
+                                        [cast_keeping_layout(call.cotangents[i], outputs[i].dtype, outputs[i].device) for i in keep],
                                         allow_unused=True)
         except BaseException as exc:  # noqa: BLE001
             out.error = _error("backward", exc)

@@ -48,6 +48,11 @@ class Kind(enum.Enum):
     BACKWARD_ERROR = "backward-error"
     FORWARD_ERROR = "forward-error"
     RESIDUAL = "residual"
+    # Reference-free (metamorphic) properties: two runs of the same kernel that must agree, e.g. one call
+    # against the same sequence split in two with the state handed over. Their atol is in units of a
+    # magnitude bound computed from |q|, |k|, |v|, |S_0| (and the cotangents), not of the output itself.
+    METAMORPHIC = "metamorphic"
+    METAMORPHIC_GRAD = "metamorphic-grad"
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,23 @@ def _entries() -> dict[tuple[Kind, torch.dtype], Tolerance]:
         (Kind.RESIDUAL, torch.float32): (0.0, 2e-5, 4.0),
         (Kind.RESIDUAL, torch.float16): (0.0, 2e-3, 4.0),
         (Kind.RESIDUAL, torch.bfloat16): (0.0, 4e-3, 4.0),
+        # Metamorphic comparisons (la-forward/state-handoff, causality, sequence-independence, varlen-*):
+        # two runs of one kernel on inputs that must give the same numbers, computed in different orders
+        # (a chunked kernel's chunk boundaries move when a sequence is split). Rounding in any summation
+        # order is <= n eps sum|terms|, and sum|terms| is bounded by the magnitude bound the property
+        # computes (see properties.la_forward.metamorphic.magnitude_bounds), so atol = 64 eps of the
+        # accumulation dtype, x that bound (128 eps for gradients: the decay gradient's reverse sums).
+        # bf16/fp16: the results are rounded to the output dtype (two roundings differ by <= 1 ulp: rtol =
+        # eps of the dtype), and a state handed from one call to the next is an input, so it is rounded to
+        # the input dtype: eps of the dtype x the bound (twice for gradients: the state and its cotangent).
+        (Kind.METAMORPHIC, torch.float64): (0.0, 64 * 2.0**-52, 0.0),
+        (Kind.METAMORPHIC, torch.float32): (0.0, 64 * 2.0**-23, 0.0),
+        (Kind.METAMORPHIC, torch.float16): (2.0**-10, 2.0**-10 + 64 * 2.0**-23, 0.0),
+        (Kind.METAMORPHIC, torch.bfloat16): (2.0**-7, 2.0**-7 + 64 * 2.0**-23, 0.0),
+        (Kind.METAMORPHIC_GRAD, torch.float64): (0.0, 128 * 2.0**-52, 0.0),
+        (Kind.METAMORPHIC_GRAD, torch.float32): (0.0, 128 * 2.0**-23, 0.0),
+        (Kind.METAMORPHIC_GRAD, torch.float16): (2.0**-10, 2 * 2.0**-10 + 128 * 2.0**-23, 0.0),
+        (Kind.METAMORPHIC_GRAD, torch.bfloat16): (2.0**-7, 2 * 2.0**-7 + 128 * 2.0**-23, 0.0),
     }
     return {
         key: Tolerance(*vals, source=f"tolerances.TABLE[{key[0].value}, {str(key[1]).removeprefix('torch.')}]")

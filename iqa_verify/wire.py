@@ -20,7 +20,7 @@ import ctypes
 
 import torch
 
-__all__ = ["WireTensor", "pack", "unpack", "pack_map", "unpack_map"]
+__all__ = ["WireTensor", "pack", "unpack", "pack_map", "unpack_map", "cast_keeping_layout"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,19 @@ def pack_map(tensors: Mapping[str, torch.Tensor | None]) -> tuple[dict[str, Any]
 def unpack_map(packed: tuple[dict[str, Any], list[bytes]], device: str | None = None) -> dict[str, Any]:
     value, storages = packed
     return unpack(value, storages, device)
+
+
+def cast_keeping_layout(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``t`` in ``dtype`` on ``device`` with the same strides (stride-0 dims stay expanded, gaps stay gaps);
+    ``Tensor.to`` would make a sliced or expanded tensor contiguous."""
+    if t.dtype == dtype and t.device == device:
+        return t
+    zero = [d for d in range(t.ndim) if t.stride(d) == 0 and t.shape[d] > 1]
+    if zero:
+        base = t
+        for d in zero:
+            base = base.narrow(d, 0, 1)
+        return cast_keeping_layout(base, dtype, device).expand(t.shape)
+    n = t.untyped_storage().nbytes() // t.element_size()
+    out = torch.zeros(n, dtype=dtype, device=device).as_strided(t.shape, t.stride(), t.storage_offset())
+    return out.copy_(t)

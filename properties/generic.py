@@ -23,6 +23,7 @@ one float64 reference and one same-precision baseline.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
 
 import torch
@@ -30,19 +31,60 @@ import torch
 from iqa_verify.comparison import TensorCheck, compare
 from iqa_verify.family import Case, ForwardBackward, Property, PropertyContext, Violation, digest
 from iqa_verify.tolerances import Kind, tolerance
+from iqa_verify.wire import cast_keeping_layout
 
 __all__ = [
-    "shared_properties", "cotangents_for", "ForwardBackward", "require_finite",
-    "run_forward_backward", "reference_forward_backward",
+    "shared_properties", "cotangents_for", "CotangentLayout", "ForwardBackward", "require_finite",
+    "run_forward_backward", "reference_forward_backward", "cast_keeping_layout",
 ]
 
 Tensors = dict[str, torch.Tensor]
 
 
+class CotangentLayout(enum.Enum):
+    """Memory layout of the cotangents fed to backward (upstream layers hand kernels transposed, sliced
+    and broadcast gradients; a backward that reads ``do`` as if contiguous gets them wrong, fla #1138).
+
+    CONTIGUOUS; TRANSPOSED: a state-like output (name ending in ``state``) column-major in its last two
+    dims, any other output with dims 1 and 2 swapped in memory (time and heads for ``o``); SLICED: every
+    other element along dim 1 of a buffer twice as long; EXPANDED: stride 0 along the first dim of size > 1
+    (the values are constant along it, as after a sum or mean), contiguous where every dim is 1.
+    """
+
+    CONTIGUOUS = "contiguous"
+    TRANSPOSED = "transposed"
+    SLICED = "sliced"
+    EXPANDED = "expanded"
+
+
+def _laid_out(name: str, shape: tuple[int, ...], layout: CotangentLayout, gen: torch.Generator) -> torch.Tensor:
+    """Random float64 values of ``shape`` in ``layout`` (see :class:`CotangentLayout`)."""
+    f64 = torch.float64
+    if layout is CotangentLayout.EXPANDED:
+        dim = next((d for d, n in enumerate(shape) if n > 1), None)
+        if dim is None:
+            return torch.randn(shape, generator=gen, dtype=f64)
+        small = torch.randn((*shape[:dim], 1, *shape[dim + 1:]), generator=gen, dtype=f64)
+        return small.expand(shape)
+    x = torch.randn(shape, generator=gen, dtype=f64)
+    if layout is CotangentLayout.TRANSPOSED and len(shape) >= 2:
+        a, b = (-2, -1) if name.endswith("state") or len(shape) < 3 else (1, 2)
+        return x.transpose(a, b).contiguous().transpose(a, b)
+    if layout is CotangentLayout.SLICED and len(shape) >= 1:
+        dim = 1 if len(shape) >= 2 else 0
+        buf = torch.zeros((*shape[:dim], 2 * shape[dim], *shape[dim + 1:]), dtype=f64)
+        view = buf.narrow(dim, 0, 2 * shape[dim]).unflatten(dim, (shape[dim], 2)).select(dim + 1, 0)
+        view.copy_(x)
+        return view
+    return x
+
+
 def cotangents_for(case: Case, reference: Tensors) -> Tensors:
-    """Random float64 cotangents, one per output, seeded by the case so repeats see the same ones."""
+    """Random float64 cotangents, one per output, seeded by the case so repeats see the same ones, laid out
+    as ``case.spec.cotangents`` says (a :class:`CotangentLayout`; contiguous for specs without one)."""
     gen = torch.Generator().manual_seed(int(getattr(case.spec, "seed", 0)) + 7919)
-    return {n: torch.randn(t.shape, generator=gen, dtype=torch.float64) for n, t in reference.items()}
+    layout = getattr(case.spec, "cotangents", CotangentLayout.CONTIGUOUS)
+    return {n: _laid_out(n, tuple(t.shape), layout, gen) for n, t in reference.items()}
 
 
 def _upcast(inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
@@ -51,7 +93,7 @@ def _upcast(inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor
 
 def _backward(outputs: Tensors, leaves: Tensors, cots: Tensors) -> dict[str, torch.Tensor | None]:
     outs = [outputs[n] for n in cots]
-    cot = [cots[n].to(device=outputs[n].device, dtype=outputs[n].dtype) for n in cots]
+    cot = [cast_keeping_layout(cots[n], outputs[n].dtype, outputs[n].device) for n in cots]
     keep = [i for i, o in enumerate(outs) if o.requires_grad]
     if not keep:
         return {n: None for n in leaves}
@@ -101,7 +143,11 @@ def _baseline_fb(ctx: PropertyContext, cots: Tensors) -> ForwardBackward:
 def run_forward_backward(ctx: PropertyContext, cots: Tensors, inputs: Mapping[str, torch.Tensor | None] | None = None,
                          kwargs: Mapping[str, object] | None = None) -> ForwardBackward:
     """The kernel's outputs and gradients of <cots, outputs> on ``inputs``/``kwargs`` (default: the case's);
-    a detached output is a Violation that says so (see :meth:`PropertyContext.forward_backward`)."""
+    a detached output is a Violation that says so (see :meth:`PropertyContext.forward_backward`).
+
+    The differentiable inputs are those of the inputs actually passed (an initial state a property adds is
+    differentiated). Output shapes are checked against the contract for the case's own inputs only: a
+    property that passes inputs of other shapes checks the shapes it expects itself."""
     return ctx.forward_backward(cots, inputs, kwargs)
 
 

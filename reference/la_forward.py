@@ -2,7 +2,7 @@
 
 Every function here follows the kernel contract of SPEC §1 exactly::
 
-    f(q, k, v, g, initial_state=None, *, scale=1.0) -> (o, final_state)
+    f(q, k, v, g, initial_state=None, *, scale=1.0, cu_seqlens=None) -> (o, final_state)
       q, k : [B, T, H, D]     v : [B, T, H, E]     g : [B, T, H] (log-decay, g <= 0)
       initial_state : [B, H, D, E] or None (zeros)
 
@@ -34,6 +34,11 @@ relative to ``max |dg|`` under strong decay (g in [-60, -20], T = 65), against `
 final state uses the suffix sums ``c_j = sum_{s > j} g_s`` for the same reason. All values and
 gradients in q, k, v, g and S_0 stay finite for any finite input with g <= 0, even with cumulative
 log-decay of -1e4.
+
+**Packed batches** (SPEC §6, ``cu_seqlens``: int64 [N + 1], B = 1): every function applies itself to each
+sequence ``[cu[i], cu[i+1])`` on its own, from ``initial_state[i]`` ([N, H, D, E]), and stacks the N final
+states; outputs at padding positions (``>= cu[N]``) are 0 and nothing depends on the inputs there (so their
+gradients are exactly 0). See :func:`_per_sequence`.
 
 :func:`la_forward_baseline` is the same-precision baseline of SPEC §5: the matrix form computed in
 the accumulation dtype of the kernel (float32 for bf16/fp16 inputs), against which the tolerance
@@ -134,6 +139,22 @@ def _cumsum_matrix_form(
     return (scale * o).transpose(1, 2), state
 
 
+def _per_sequence(fn, q, k, v, g, initial_state, scale, cu_seqlens):
+    """Apply ``fn(q, k, v, g, initial_state, scale=...) -> (o, S)`` to every sequence of a packed batch:
+    o [1, T, H, E] with 0 at padding, S [N, H, D, E] (one final state per sequence)."""
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    outs, states = [], []
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        s0 = initial_state[i : i + 1] if initial_state is not None else None
+        o, S = fn(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], s0, scale=scale)
+        outs.append(o)
+        states.append(S)
+    T = q.shape[1]
+    if cu[-1] < T:
+        outs.append(torch.zeros((1, T - cu[-1], *outs[0].shape[2:]), dtype=outs[0].dtype, device=q.device))
+    return torch.cat(outs, dim=1), torch.cat(states, dim=0)
+
+
 def la_forward_recurrent_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -142,6 +163,7 @@ def la_forward_recurrent_ref(
     initial_state: torch.Tensor | None = None,
     *,
     scale: float = 1.0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 reference by the recurrence, one step at a time, on the inputs' device.
 
@@ -149,8 +171,9 @@ def la_forward_recurrent_ref(
         q, k: [B, T, H, D]; v: [B, T, H, E]; g: [B, T, H] log-decay (g <= 0); any one floating dtype.
         initial_state: [B, H, D, E] or None (zeros).
         scale: multiplies every output.
+        cu_seqlens: int64 [N + 1] for a packed batch (B = 1, initial_state [N, H, D, E]), or None.
 
-    Math (per batch and head)::
+    Math (per batch and head, per sequence of a packed batch)::
 
         S_0 = initial_state
         S_t = exp(g_t) S_{t-1} + k_t v_t^T
@@ -159,6 +182,9 @@ def la_forward_recurrent_ref(
     Returns:
         ``(o, S_T)``: o [B, T, H, E] and S_T [B, H, D, E], both float64. Differentiable in every input.
     """
+    if cu_seqlens is not None:
+        check_la_forward_inputs(q, k, v, g, initial_state, cu_seqlens)
+        return _per_sequence(la_forward_recurrent_ref, q, k, v, g, initial_state, scale, cu_seqlens)
     B, T, H, D, E = check_la_forward_inputs(q, k, v, g, initial_state)
     f64 = torch.float64
     Q, K, V = (_heads_first(x, f64) for x in (q, k, v))  # [B, H, T, D|E]
@@ -183,6 +209,7 @@ def la_forward_matrix_ref(
     initial_state: torch.Tensor | None = None,
     *,
     scale: float = 1.0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 reference by the matrix form, on the inputs' device; stable under any decay.
 
@@ -190,8 +217,9 @@ def la_forward_matrix_ref(
         q, k: [B, T, H, D]; v: [B, T, H, E]; g: [B, T, H] log-decay (g <= 0); any one floating dtype.
         initial_state: [B, H, D, E] or None (zeros).
         scale: multiplies every output.
+        cu_seqlens: int64 [N + 1] for a packed batch (B = 1, initial_state [N, H, D, E]), or None.
 
-    Math (per batch and head, Q, K: [T, D], V: [T, E], S_0: [D, E])::
+    Math (per batch and head and, in a packed batch, per sequence; Q, K: [T, D], V: [T, E], S_0: [D, E])::
 
         b_i  = g_1 + ... + g_i,   alpha_i = exp(b_i)
         M_ij = exp(sum_{j < s <= i} g_s) = exp(b_i - b_j)  for i >= j,  0 for i < j
@@ -205,6 +233,9 @@ def la_forward_matrix_ref(
     Returns:
         ``(o, S_T)``: o [B, T, H, E] and S_T [B, H, D, E], both float64. Differentiable in every input.
     """
+    if cu_seqlens is not None:
+        check_la_forward_inputs(q, k, v, g, initial_state, cu_seqlens)
+        return _per_sequence(la_forward_matrix_ref, q, k, v, g, initial_state, scale, cu_seqlens)
     check_la_forward_inputs(q, k, v, g, initial_state)
     return _matrix_form(q, k, v, g, initial_state, scale, torch.float64)
 
@@ -221,6 +252,7 @@ def la_forward_baseline(
     initial_state: torch.Tensor | None = None,
     *,
     scale: float = 1.0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same-precision baseline (SPEC §5): the straightforward matrix form in the kernel's accumulation dtype.
 
@@ -240,6 +272,9 @@ def la_forward_baseline(
     Returns:
         ``(o, S_T)``: o [B, T, H, E] in ``x``; S_T [B, H, D, E] in ``acc``.
     """
+    if cu_seqlens is not None:
+        check_la_forward_inputs(q, k, v, g, initial_state, cu_seqlens)
+        return _per_sequence(la_forward_baseline, q, k, v, g, initial_state, scale, cu_seqlens)
     check_la_forward_inputs(q, k, v, g, initial_state)
     o, state = _cumsum_matrix_form(q, k, v, g, initial_state, scale, state_dtype_for(q.dtype))
     return o.to(q.dtype), state

@@ -15,6 +15,7 @@ import torch
 
 import iqa_verify.adapters as provider
 from iqa_verify.adapters import fla as fla_adapter
+from iqa_verify.errors import IqaVerifyError
 from iqa_verify.iqa.backward import OneStep, Truncated
 from iqa_verify.tolerances import Kind, tolerance
 from reference.la_forward import la_forward_ref
@@ -65,6 +66,29 @@ def test_fla_arguments_are_mapped(monkeypatch, gen, name, scale):
     assert seen["kwargs"]["output_final_state"] is True
     ro, rs = la_forward_ref(q, k, v, g, s0, scale=1.0 if scale is None else scale)
     assert torch.equal(o, ro) and torch.equal(state, rs)
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_fla_cu_seqlens_is_passed_through(monkeypatch, gen, name):
+    """Packed batches (SPEC §6): the same cu_seqlens object reaches fla; without it fla sees no such keyword."""
+    q, k, v, g, _ = _la_inputs(gen, B=1, T=7)
+    s0 = torch.randn(2, 2, 3, 4, generator=gen, dtype=torch.float64)
+    cu = torch.tensor([0, 3, 6], dtype=torch.int64)
+    seen = []
+
+    def fake(*args, **kwargs):
+        seen.append(kwargs)
+        return la_forward_ref(args[0], args[1], args[2], kwargs["g"], kwargs["initial_state"], scale=kwargs["scale"],
+                              cu_seqlens=kwargs.get("cu_seqlens"))
+
+    monkeypatch.setattr(fla_adapter, "_op", lambda n: fake if n == name else pytest.fail(f"called {n}"))
+    kernel = getattr(fla_adapter, name)
+    o, state = kernel(q, k, v, g, s0, cu_seqlens=cu)
+    assert seen[0]["cu_seqlens"] is cu and state.shape == (2, 2, 3, 4)
+    kernel(q, k, v, g, None)
+    assert "cu_seqlens" not in seen[1]
+    with pytest.raises(IqaVerifyError, match=r"cu_seqlens=\[0, 3, 2\]: must be strictly increasing"):
+        kernel(q, k, v, g, s0, cu_seqlens=torch.tensor([0, 3, 2]))
 
 
 def test_fla_adapter_rejects_contract_violations(monkeypatch, gen):

@@ -16,7 +16,11 @@ FAM = family("la-forward")
 ZOO_BUG = f"{zoo.__file__}:decay_ratio_of_cumprod"  # NaN from exp(b_i) / exp(b_j) under strong decay
 CHUNKED = "iqa_verify.kernels.la_forward_chunked:la_forward_chunked"
 # the properties the planted bug breaks (0/0 = NaN in outputs and gradients under strong decay); the others hold
-ZOO_FAILS = {"la-forward/values", "la-forward/gradients", "la-forward/finite"}
+REF_FAILS = {"la-forward/values", "la-forward/gradients", "la-forward/finite"}
+# the reference-free ones see the NaN too, where the other run of the same kernel is finite
+ZOO_FAILS = REF_FAILS | {"la-forward/state-handoff", "la-forward/causality"}
+# no cu_seqlens keyword: not varlen-capable, reported n/a (a skipped item)
+ZOO_NA = {"la-forward/varlen-values", "la-forward/varlen-gradients", "la-forward/varlen-one-by-one"}
 
 
 def _args(*impls: str, junit: Path) -> list[str]:
@@ -34,18 +38,20 @@ def _junit_outcomes(path: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _expected(short: str, fails: set[str]) -> dict[str, str]:
-    return {f"{p.id}[{short}-float32]": ("failed" if p.id in fails else "passed") for p in FAM.properties}
+def _expected(short: str, fails: set[str], na: set[str] = frozenset()) -> dict[str, str]:
+    return {f"{p.id}[{short}-float32]": ("failed" if p.id in fails else "skipped" if p.id in na else "passed")
+            for p in FAM.properties}
 
 
 def test_one_item_per_property_with_the_right_failures_and_counterexamples(pytester: pytest.Pytester) -> None:
     junit = pytester.path / "junit.xml"
     result = pytester.runpytest(*_args(ZOO_BUG, CHUNKED, junit=junit))
-    result.assert_outcomes(passed=2 * len(FAM.properties) - len(ZOO_FAILS), failed=len(ZOO_FAILS))
+    result.assert_outcomes(passed=2 * len(FAM.properties) - len(ZOO_FAILS) - len(ZOO_NA), failed=len(ZOO_FAILS),
+                           skipped=len(ZOO_NA))
     outcomes = _junit_outcomes(junit)
-    expected = {**_expected("decay_ratio_of_cumprod", ZOO_FAILS), **_expected("la_forward_chunked", set())}
+    expected = {**_expected("decay_ratio_of_cumprod", ZOO_FAILS, ZOO_NA), **_expected("la_forward_chunked", set())}
     assert {name: o for name, (o, _) in outcomes.items()} == expected  # the correct built-in passes all
-    for pid in sorted(ZOO_FAILS):
+    for pid in sorted(REF_FAILS):
         text = outcomes[f"{pid}[decay_ratio_of_cumprod-float32]"][1]
         head = text.splitlines()[0]
         assert head.startswith(f"{pid} failed for {ZOO_BUG} (") and "float32" in head and "cpu" in head

@@ -15,6 +15,8 @@ How fla 0.6.0's conventions map onto it (checked in its source and by ``tests/te
 * ``scale``: fla's default is ``None`` meaning ``K ** -0.5``; the contract's is ``1.0``. The adapter
   always passes ``float(scale)``.
 * ``initial_state``: the same ``[N, H, K, V]`` layout (``state_v_first=False``); ``None`` is zeros.
+* ``cu_seqlens`` (packed batches, SPEC §6): passed through to fla unchanged by the three kernels with a
+  state; ``parallel_simple_gla``'s adapter does not take it (reported "not varlen-capable").
 * final state: only returned with ``output_final_state=True`` (always passed); fla returns it in
   float32 whatever the input dtype (allowed for bf16/fp16; for float64 inputs the contract asks for
   float64, and the suite reports what fla returns — the adapter does not cast).
@@ -71,32 +73,34 @@ def _op(name: str) -> Any:
     return getattr(fla_simple_gla_module(), name)
 
 
-def _with_state(name: str, q, k, v, g, initial_state, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    check_la_forward_inputs(q, k, v, g, initial_state)
-    o, final_state = _op(name)(q, k, v, g=g, scale=float(scale), initial_state=initial_state, output_final_state=True)
+def _with_state(name: str, q, k, v, g, initial_state, scale: float, cu_seqlens=None) -> tuple[torch.Tensor, torch.Tensor]:
+    check_la_forward_inputs(q, k, v, g, initial_state, cu_seqlens)
+    extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    o, final_state = _op(name)(q, k, v, g=g, scale=float(scale), initial_state=initial_state, output_final_state=True,
+                               **extra)
     return o, final_state
 
 
-def chunk_simple_gla(q, k, v, g, initial_state=None, *, scale=1.0):
+def chunk_simple_gla(q, k, v, g, initial_state=None, *, scale=1.0, cu_seqlens=None):
     """fla ``chunk_simple_gla`` (chunked: per-chunk states, intra-chunk matmuls, fla's own backward).
 
     q, k: [B, T, H, D]; v: [B, T, H, E]; g: [B, T, H]; initial_state: [B, H, D, E] or None
-    -> (o [B, T, H, E], final_state [B, H, D, E], float32 from fla)."""
-    return _with_state("chunk_simple_gla", q, k, v, g, initial_state, scale)
+    -> (o [B, T, H, E], final_state [B, H, D, E], float32 from fla). ``cu_seqlens`` is passed to fla as is."""
+    return _with_state("chunk_simple_gla", q, k, v, g, initial_state, scale, cu_seqlens)
 
 
-def fused_chunk_simple_gla(q, k, v, g, initial_state=None, *, scale=1.0):
+def fused_chunk_simple_gla(q, k, v, g, initial_state=None, *, scale=1.0, cu_seqlens=None):
     """fla ``fused_chunk_simple_gla`` (one kernel walks the chunks carrying the state).
 
     Shapes as :func:`chunk_simple_gla`."""
-    return _with_state("fused_chunk_simple_gla", q, k, v, g, initial_state, scale)
+    return _with_state("fused_chunk_simple_gla", q, k, v, g, initial_state, scale, cu_seqlens)
 
 
-def fused_recurrent_simple_gla(q, k, v, g, initial_state=None, *, scale=1.0):
+def fused_recurrent_simple_gla(q, k, v, g, initial_state=None, *, scale=1.0, cu_seqlens=None):
     """fla ``fused_recurrent_simple_gla`` (step-by-step recurrence in one kernel).
 
     Shapes as :func:`chunk_simple_gla`."""
-    return _with_state("fused_recurrent_simple_gla", q, k, v, g, initial_state, scale)
+    return _with_state("fused_recurrent_simple_gla", q, k, v, g, initial_state, scale, cu_seqlens)
 
 
 def _eye_steps(n: int, h: int, d: int, like: torch.Tensor) -> torch.Tensor:

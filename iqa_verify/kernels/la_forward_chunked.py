@@ -83,6 +83,7 @@ def la_forward_chunked(
     *,
     scale: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear attention with per-step scalar decay, computed chunk by chunk with batched matmuls.
 
@@ -93,6 +94,9 @@ def la_forward_chunked(
         initial_state: [B, H, D, E] or None (zeros).
         scale: multiplies every output.
         chunk_size: steps per chunk C, an integer >= 1 (used as min(chunk_size, T)).
+        cu_seqlens: int64 [N + 1] or None: a packed batch (B = 1, initial_state [N, H, D, E]) of N sequences
+            ``[cu[i], cu[i+1])`` (SPEC §6). Each sequence is computed by its own chunked call (chunks start at
+            the sequence's start, a short sequence is one short chunk); padding outputs are 0 and get no gradient.
 
     Returns:
         o: [B, T, H, E] in the input dtype; final_state: [B, H, D, E], float32 for bf16/fp16
@@ -135,8 +139,24 @@ def la_forward_chunked(
     (hand-written backward, formulas in ``FactoredChunks`` and ``MaskedChunks``); inputs may be
     non-contiguous views and are never modified.
     """
-    B, T, H, D, E = check_la_forward_inputs(q, k, v, g, initial_state)
+    B, T, H, D, E = check_la_forward_inputs(q, k, v, g, initial_state, cu_seqlens)
     _check_chunk_size(chunk_size)
+    if cu_seqlens is not None:
+        return _packed(q, k, v, g, initial_state, scale, chunk_size, [int(c) for c in cu_seqlens.tolist()])
     chunk = min(chunk_size, T)
     kernel = FactoredChunks if decay_form(g, chunk) is DecayForm.FACTORED else MaskedChunks
     return kernel.apply(q, k, v, g, initial_state, scale, chunk)
+
+
+def _packed(q, k, v, g, initial_state, scale: float, chunk_size: int, cu: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunked call per sequence of a packed batch; o [1, T, H, E] (0 at padding), final states [N, H, D, E]."""
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        s0 = initial_state[i : i + 1] if initial_state is not None else None
+        o, state = la_forward_chunked(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], s0, scale=scale, chunk_size=chunk_size)
+        outs.append(o)
+        finals.append(state)
+    T = q.shape[1]
+    if cu[-1] < T:
+        outs.append(q.new_zeros(1, T - cu[-1], q.shape[2], v.shape[-1]))
+    return torch.cat(outs, dim=1), torch.cat(finals, dim=0)

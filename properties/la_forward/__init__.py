@@ -7,6 +7,8 @@ import torch
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
 from properties.generic import shared_properties
 from properties.la_forward.cases import LACase, build_la_inputs, la_cases, pinned_la_cases
+from properties.la_forward.metamorphic import metamorphic_properties
+from properties.la_forward.varlen import varlen_properties
 from reference.la_forward import la_forward_baseline, la_forward_ref
 
 __all__ = ["FAMILY"]
@@ -51,7 +53,8 @@ FAMILY = Family(
     differentiable=_differentiable,
     reference=_named(la_forward_ref),
     baseline=_named(la_forward_baseline),
-    properties=shared_properties("la-forward"),
+    properties=(shared_properties("la-forward") + metamorphic_properties("la-forward")
+                + varlen_properties("la-forward")),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.la_forward_recurrent:la_forward_recurrent",
                       "loop over time, float32 state for bf16/fp16"),

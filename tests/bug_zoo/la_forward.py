@@ -30,6 +30,8 @@ def _recurrent(q, k, v, g, initial_state, scale, bug: str = ""):
     else:
         qh, kh, vh, gh = (x.transpose(1, 2) for x in (q, k, v, g))
     qh, kh, vh, gh = (x.to(acc) for x in (qh, kh, vh, gh))
+    if bug == "key-dims-32":  # a tiled key loop whose bound is the tile, not D: dims >= 32 never enter the state
+        kh = kh * (torch.arange(D, device=q.device) < 32).to(acc)
     if bug == "decay-not-differentiated":
         gh = gh.detach()
     if initial_state is None:
@@ -98,6 +100,48 @@ def _chunked(q, k, v, g, initial_state, scale, bug: str = "", chunk: int = 16):
         o[:, :, sl] = oc[:, :, :C]
         to_end = torch.exp(b[..., -1:] - b)
         S = torch.exp(b[..., -1])[..., None, None] * S + (Kc * to_end[..., None]).transpose(-1, -2) @ Vc
+    return (scale * o).transpose(1, 2).to(q.dtype), S
+
+
+_FACTORED_SPAN = 20.0  # nats: the factored form's exp(b_i - b_C) stays far from float32 overflow (88) below it
+
+
+def _chunk_forms(q, k, v, g, initial_state, scale, bug: str = "", chunk: int = 64):
+    """Chunked kernel with the two decay forms of real kernels, ``bug`` planted: per chunk, FACTORED
+    ``(Q exp(b - b_C)) (K exp(b_C - b))^T`` masked to the lower triangle when the chunk's total log-decay
+    ``-b_C`` is at most ``_FACTORED_SPAN`` (else exp(b_i - b_C) overflows), MASKED ``(Q K^T) * exp(b_i - b_j)``
+    otherwise; b is the within-chunk cumulative log-decay."""
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    acc = state_dtype_for(q.dtype)
+    qh, kh, vh, gh = (x.transpose(1, 2).to(acc) for x in (q, k, v, g))  # [B, H, T, *]
+    S = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+    o = torch.zeros(B, H, T, E, dtype=acc, device=q.device)
+    n_chunks = math.ceil(T / chunk)
+    if bug == "form-from-first-sequence":  # one decision for the batch, from sequence 0's chunks
+        first = torch.nn.functional.pad(gh[0], (0, n_chunks * chunk - T)).unflatten(-1, (n_chunks, chunk)).sum(-1)
+        all_factored = bool((-first <= _FACTORED_SPAN).all())
+    for n in range(n_chunks):
+        start = n * chunk
+        C = min(chunk, T - start)
+        src = start % 1024 if bug == "offsets-wrap" else start  # chunk offsets kept in a 10-bit field
+        sl = slice(src, src + C)
+        Qc, Kc, Vc, gc = qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], gh[:, :, sl]
+        b = gc.cumsum(-1)
+        if bug == "form-from-first-gate":  # the span estimated from the chunk's first gate
+            factored = bool((-gc[..., 0] * C <= _FACTORED_SPAN).all())
+        elif bug == "form-from-first-sequence":
+            factored = all_factored
+        else:
+            factored = bool((-b[..., -1] <= _FACTORED_SPAN).all())
+        if factored:
+            b_end = b[..., -1:]
+            scores = ((Qc * torch.exp(b - b_end)[..., None]) @ (Kc * torch.exp(b_end - b)[..., None]).transpose(-1, -2)).tril()
+        else:
+            lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+            scores = (Qc @ Kc.transpose(-1, -2)) * torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~lower, float("-inf")))
+        o[:, :, start:start + C] = scores @ Vc + torch.exp(b)[..., None] * (Qc @ S)
+        S = torch.exp(b[..., -1])[..., None, None] * S + (Kc * torch.exp(b[..., -1:] - b)[..., None]).transpose(-1, -2) @ Vc
     return (scale * o).transpose(1, 2).to(q.dtype), S
 
 
@@ -183,6 +227,64 @@ def output_in_accumulation_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
     return o.to(state_dtype_for(q.dtype)), S
 
 
+def key_loop_first_32_dims(q, k, v, g, initial_state=None, *, scale=1.0):
+    """The key loop covers the first 32 key dimensions only (one tile): right for every D <= 32."""
+    return _recurrent(q, k, v, g, initial_state, scale, "key-dims-32")
+
+
+class _ContiguousCotangentAssumed(torch.autograd.Function):
+    """Recurrent forward; the backward reads the final-state cotangent ``dht`` as if it were contiguous
+    (the raw storage with contiguous strides), like a Triton backward that is handed ``dht.data_ptr()``
+    without a ``.contiguous()`` (fla #1138: a non-contiguous dht gave a wrong dh0)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale):
+        ctx.save_for_backward(q, k, v, g, initial_state)
+        ctx.scale = scale
+        with torch.no_grad():
+            return _recurrent(q, k, v, g, initial_state, scale)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        saved = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in saved]
+        shape = dht.shape
+        strides = [1] * len(shape)
+        for d in range(len(shape) - 2, -1, -1):
+            strides[d] = strides[d + 1] * shape[d + 1]
+        storage = torch.empty(0, dtype=dht.dtype, device=dht.device).set_(dht.untyped_storage())
+        need = dht.storage_offset() + dht.numel()
+        flat = torch.cat([storage, storage.new_zeros(max(0, need - storage.numel()))])
+        dht_read = flat.as_strided(shape, strides, dht.storage_offset())
+        with torch.enable_grad():
+            o, S = _recurrent(*leaves, ctx.scale)
+            wrt = [t for t in leaves if t is not None]
+            grads = iter(torch.autograd.grad((o, S), wrt, (do, dht_read), allow_unused=True))
+        return (*[next(grads) if t is not None else None for t in leaves], None)
+
+
+def cotangent_read_as_contiguous(q, k, v, g, initial_state=None, *, scale=1.0):
+    """A hand-written backward that reads the final-state cotangent as if contiguous."""
+    return _ContiguousCotangentAssumed.apply(q, k, v, g, initial_state, scale)
+
+
+def offsets_wrap_after_1024(q, k, v, g, initial_state=None, *, scale=1.0):
+    """Chunk offsets wrap after 1024 steps (16 chunks of 64): right for every T <= 1024 (cf. fla #1080)."""
+    return _chunk_forms(q, k, v, g, initial_state, scale, "offsets-wrap")
+
+
+def decay_form_from_first_gate(q, k, v, g, initial_state=None, *, scale=1.0):
+    """Chooses the factored decay form from the chunk's first gate: strong gates later in a chunk that
+    starts mild overflow exp(b_i - b_C) and turn the chunk's earlier outputs to NaN (cf. fla PR #1244)."""
+    return _chunk_forms(q, k, v, g, initial_state, scale, "form-from-first-gate")
+
+
+def decay_form_from_first_sequence(q, k, v, g, initial_state=None, *, scale=1.0):
+    """Chooses the decay form for the whole batch from sequence 0: a strongly decaying neighbour of a mild
+    sequence 0 is run in the factored form and overflows."""
+    return _chunk_forms(q, k, v, g, initial_state, scale, "form-from-first-sequence")
+
+
 def _bug(kernel: str, dtype: str, caught_by: tuple[str, ...], kind: str) -> PlantedBug:
     return PlantedBug(__file__, "la-forward", kernel, dtype, caught_by, kind)
 
@@ -208,4 +310,10 @@ BUGS: tuple[PlantedBug, ...] = (
     _bug("scales_values_in_place", "float32", (_p("inputs-unchanged"),), "modifies its input v in place"),
     _bug("state_cached_across_calls", "float32", (_p("deterministic"),), "hidden state carried across calls"),
     _bug("output_in_accumulation_dtype", "bfloat16", (_p("contract"),), "returns float32 o for bf16 inputs"),
+    _bug("key_loop_first_32_dims", "float32", (_p("values"),), "key loop covers the first 32 head dims only"),
+    _bug("cotangent_read_as_contiguous", "float32", (_p("gradients"),), "backward reads dht as contiguous"),
+    _bug("offsets_wrap_after_1024", "float32", (_p("state-handoff"),), "chunk offsets wrap past 1024 steps"),
+    _bug("decay_form_from_first_gate", "float32", (_p("causality"),), "later gates change earlier outputs"),
+    _bug("decay_form_from_first_sequence", "float32", (_p("sequence-independence"),),
+         "one batch-wide decision from sequence 0"),
 )
