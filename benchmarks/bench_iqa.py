@@ -6,15 +6,15 @@ Run (benchmarks are not collected by a plain ``pytest``; give the path)::
 
 Workload: B = 2, N = 32, Din = Dk = E = 32, float32, ``V = x W_v``, default scale.
 
-* **Bytes saved for backward** (:func:`properties.iqa.diagnostics.saved_bytes_vs_iterations`): the
+* **Bytes saved for backward** (:func:`iqa_verify.properties.iqa.diagnostics.saved_bytes_vs_iterations`): the
   tensors autograd keeps after one forward with exactly 10 / 50 / 200 plain iterations, counted with
   ``torch.autograd.graph.saved_tensors_hooks``, for ``Implicit`` (target: flat in the iteration count)
   and ``Unrolled`` (grows linearly; target: unrolled-200 / implicit >= 20x). The inputs are rescaled to
   a local contraction rate of 0.99 so 200 float32 iterations still move the iterate.
-* **Solvers** (:func:`properties.iqa.diagnostics.convergence_curves`): iterations and time (pytest-benchmark,
+* **Solvers** (:func:`iqa_verify.properties.iqa.diagnostics.convergence_curves`): iterations and time (pytest-benchmark,
   minimum over rounds) to reach the float32 default tolerance from ``y_0 = V`` for plain iteration,
   Anderson and Broyden, at local contraction rates ~0.9 and ~0.99 (the spectral radius of ``∂f/∂y`` at
-  the consensus; :func:`~properties.iqa.diagnostics.rescaled_to_rate`). Target: Anderson and Broyden
+  the consensus; :func:`~iqa_verify.properties.iqa.diagnostics.rescaled_to_rate`). Target: Anderson and Broyden
   need <= 0.5x the iterations of plain iteration at 0.9.
 
 The summary table is written to ``benchmarks/results/iqa.md`` at the end of the module. Timings are
@@ -33,7 +33,7 @@ import torch
 from iqa_verify.iqa.backward import Implicit, Unrolled
 from iqa_verify.iqa.kernel import iqa_forward
 from iqa_verify.iqa.solvers import Anderson, Broyden, FixedPointIteration
-from properties.iqa.diagnostics import convergence_curves, rescaled_to_rate, saved_bytes_vs_iterations
+from iqa_verify.properties.iqa.diagnostics import convergence_curves, rescaled_to_rate, saved_bytes_vs_iterations
 
 RESULTS_FILE = Path(__file__).parent / "results" / "iqa.md"
 B, N, D = 2, 32, 32

@@ -16,8 +16,8 @@ import torch
 
 from iqa_verify.kernels.la_solve_k import Type2Method, la_solve_k_with_stats
 from iqa_verify.kernels.la_solve_v import la_solve_v, la_solve_v_sequential
-from reference.la_forward import la_forward_ref
-from reference.la_inverse import la_solve_k_dense_ref
+from iqa_verify.reference.la_forward import la_forward_ref
+from iqa_verify.reference.la_inverse import la_solve_k_dense_ref
 
 
 def _inputs(B, T, H, D, E, dtype, seed=0):

@@ -1,27 +1,29 @@
 """Families and built-in kernels, by name, for the CLI, the pytest plugin and reports.
 
-A :class:`Registry` refuses duplicate names and raises ``KeyError`` listing the valid ones. Each
-family lives in its own module under ``properties/`` (attribute ``FAMILY``), which also lists the
-family's built-in PyTorch kernels; modules are imported lazily so ``iqa-verify --help`` and argument
-errors stay fast.
+A :class:`Registry` refuses duplicate names and raises ``KeyError`` listing the valid ones. The engine
+names no family and no provider: both are found through entry points of the installed distributions.
 
-Kernels that need optional packages (Triton, third-party libraries through adapters) come from
-*provider* modules listed in :data:`OPTIONAL_PROVIDERS`. A provider has a function
-``optional_kernels() -> Sequence[OptionalKernel]``; it must be cheap to import (no import of the
-optional package itself) and say, for each kernel, what is missing when it cannot run here.
+- ``iqa_verify.families``: ``name = "package.module:FAMILY"``, a :class:`~iqa_verify.family.Family`
+  declaration (which also lists the family's built-in PyTorch kernels). The shipped ones are declared in
+  this project's ``pyproject.toml``; a user's own family is one more entry point in theirs.
+- ``iqa_verify.kernels``: ``name = "package.module:optional_kernels"``, a function returning
+  ``Sequence[OptionalKernel]``: kernels that need optional packages (Triton, third-party libraries through
+  adapters). Its module must be cheap to import (no import of the optional package itself) and say, for
+  each kernel, what is missing when it cannot run here.
+
+Entry points are loaded lazily, so ``iqa-verify --help`` and argument errors stay fast.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from importlib.metadata import EntryPoint, entry_points
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from iqa_verify.family import BuiltinKernel, Family
 
-__all__ = ["Registry", "FAMILIES", "OPTIONAL_PROVIDERS", "OptionalKernel", "family", "builtin_kernels",
+__all__ = ["Registry", "FAMILIES", "PROVIDERS", "OptionalKernel", "family", "builtin_kernels",
            "optional_kernels", "third_party_kernels"]
 
 T = TypeVar("T")
@@ -50,23 +52,31 @@ class Registry(Generic[T]):
         return len(self._items)
 
 
-# family name -> module whose FAMILY attribute is the Family
-FAMILIES: Registry[str] = Registry("family")
-for _name, _module in (
-    ("la-forward", "properties.la_forward"),
-    ("gla-forward", "properties.gla_forward"),
-    ("delta-forward", "properties.delta_forward"),
-    ("la-solve-v", "properties.la_inverse.solve_v"),
-    ("la-solve-k", "properties.la_inverse.solve_k"),
-    ("la-solve-q", "properties.la_inverse.solve_q"),
-    ("iqa", "properties.iqa"),
-):
-    FAMILIES.register(_name, _module)
+FAMILY_GROUP = "iqa_verify.families"
+PROVIDER_GROUP = "iqa_verify.kernels"
+
+
+def _registry(group: str, what: str) -> Registry[EntryPoint]:
+    reg: Registry[EntryPoint] = Registry(what)
+    for ep in sorted(entry_points(group=group), key=lambda e: e.name):  # a stable order across installs
+        reg.register(ep.name, ep)
+    if not len(reg):
+        raise RuntimeError(f"no entry points in group {group!r}: iqa-verify is not installed (pip install -e .)")
+    return reg
+
+
+FAMILIES: Registry[EntryPoint] = _registry(FAMILY_GROUP, "family")
+"""family name -> entry point of its :class:`~iqa_verify.family.Family` declaration."""
+PROVIDERS: Registry[EntryPoint] = _registry(PROVIDER_GROUP, "kernel provider")
+"""provider name -> entry point of its ``optional_kernels`` function."""
 
 
 def family(name: str) -> Family:
     """The :class:`Family` called ``name`` (KeyError listing the valid names)."""
-    return importlib.import_module(FAMILIES[name]).FAMILY
+    fam = FAMILIES[name].load()
+    if not isinstance(fam, Family) or fam.name != name:
+        raise TypeError(f"entry point {FAMILIES[name].value!r} of family {name!r} is not the Family {name!r}")
+    return fam
 
 
 @dataclass(frozen=True)
@@ -83,16 +93,12 @@ class OptionalKernel:
     third_party: bool = False
 
 
-OPTIONAL_PROVIDERS: tuple[str, ...] = ("iqa_verify.triton", "iqa_verify.adapters")
-
-
 def optional_kernels() -> list[OptionalKernel]:
     """Every optional kernel of every provider that exists in this installation."""
     out: list[OptionalKernel] = []
-    for name in OPTIONAL_PROVIDERS:
-        if importlib.util.find_spec(name) is None:
-            continue
-        out.extend(importlib.import_module(name).optional_kernels())
+    for name in PROVIDERS:
+        provide: Callable[[], Sequence[OptionalKernel]] = PROVIDERS[name].load()
+        out.extend(provide())
     return out
 
 

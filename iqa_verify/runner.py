@@ -436,4 +436,6 @@ def check(
             verdict.results.append(results[prop.id])
         elif prop not in selected:
             verdict.results.append(PropertyResult(prop.id, prop.title, Status.SKIPPED, 0, 0.0))
+            if on_result and verdict.complete:
+                on_result(verdict.results[-1])
     return verdict

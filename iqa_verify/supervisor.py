@@ -125,16 +125,16 @@ class _WorkerHost(KernelHost):
         """Start the worker and wait until the kernel is loaded (IqaVerifyError when it cannot be).
 
         A fresh interpreter (``python -m iqa_verify.worker``, as spawn does, but without re-running the
-        caller's ``__main__``), with this process's import path, talking over a socket pair."""
+        caller's ``__main__``) in this process's folder and environment, talking over a socket pair."""
         from iqa_verify.worker import receive
 
         parent, child = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in [*sys.path, env.get("PYTHONPATH", "")] if p)
+        # the environment as it is (PYTHONPATH included), not this process's sys.path: folders the supervisor
+        # added for its own imports (a kernel file's folder, say) could shadow packages in the worker
         proc = subprocess.Popen(
             [sys.executable, "-m", "iqa_verify.worker", str(child.fileno()), self.impl, str(self.max_memory or 0),
              str(os.getpid())],
-            pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True,
         )
         child.close()
         self._proc, self._conn = proc, Connection(parent.detach())

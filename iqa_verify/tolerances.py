@@ -112,7 +112,7 @@ def _entries() -> dict[tuple[Kind, torch.dtype], Tolerance]:
         # two runs of one kernel on inputs that must give the same numbers, computed in different orders
         # (a chunked kernel's chunk boundaries move when a sequence is split). Rounding in any summation
         # order is <= n eps sum|terms|, and sum|terms| is bounded by the magnitude bound the property
-        # computes (see properties.la_forward.metamorphic.magnitude_bounds), so atol = 64 eps of the
+        # computes (see iqa_verify.properties.la_forward.metamorphic.magnitude_bounds), so atol = 64 eps of the
         # accumulation dtype, x that bound (128 eps for gradients: the decay gradient's reverse sums).
         # bf16/fp16: the results are rounded to the output dtype (two roundings differ by <= 1 ulp: rtol =
         # eps of the dtype), and a state handed from one call to the next is an input, so it is rounded to

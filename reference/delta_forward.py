@@ -16,7 +16,7 @@ is a scalar): the state "reads" its prediction ``S'^T k_t`` for the key and move
 :func:`delta_forward_recurrent_ref` (the default :data:`delta_forward_ref`) runs this step by step in
 float64: every value and autograd gradient is a product of bounded factors (unit or smaller keys keep the
 transition's eigenvalues in [0, 1]), so it is finite in every regime the cases draw. Its independent checks
-are the sympy closed forms of :mod:`reference.delta_forward_sympy` and, for beta = 1 / g = None / one step,
+are the sympy closed forms of :mod:`iqa_verify.reference.delta_forward_sympy` and, for beta = 1 / g = None / one step,
 hand-derived special cases (``tests/test_reference_delta_forward.py``).
 
 :func:`delta_forward_baseline` is the same-precision baseline of SPEC §5: the recurrence in the kernel's

@@ -8,7 +8,7 @@ Per batch and head, with symbolic ``q_t, k_t: [D]``, ``v_t: [E]``, log gates ``g
                   S_T = diag(exp(b_T)) S_0 + sum_j (k_j ⊙ exp(b_T - b_j)) v_j^T,   b_i = g_1 + ... + g_i
 
 :func:`prove_forms_identical` shows that the two agree entry by entry; :func:`prove_reduces_to_la` shows
-that with ``g_{t,d} = g_t`` for every d the recurrence is ``la-forward``'s (:mod:`reference.la_forward_sympy`);
+that with ``g_{t,d} = g_t`` for every d the recurrence is ``la-forward``'s (:mod:`iqa_verify.reference.la_forward_sympy`);
 :func:`closed_form` lambdifies the values and the ``sympy.diff`` gradients of
 ``L = sum(dO ⊙ O) + sum(dS ⊙ S_T)`` into a float64 numpy oracle of one (batch, head) problem.
 Sizes are limited to ``T <= MAX_T``, ``D, E <= MAX_DIM``.
@@ -24,7 +24,7 @@ import numpy as np
 import sympy as sp
 
 from iqa_verify.errors import IqaVerifyError, check_at_least
-from reference import la_forward_sympy
+from iqa_verify.reference import la_forward_sympy
 
 __all__ = [
     "MAX_DIM",
@@ -64,7 +64,7 @@ def _matrix(name: str, rows: int, cols: int) -> sp.Matrix:
 class GLASymbols:
     """Symbols of one (batch, head) problem: q, k, g: [T, D]; v: [T, E]; S0: [D, E]; scale; dO: [T, E]; dS: [D, E].
 
-    q, k, v, S0, scale, dO and dS are the very symbols of :func:`reference.la_forward_sympy.la_symbols`."""
+    q, k, v, S0, scale, dO and dS are the very symbols of :func:`iqa_verify.reference.la_forward_sympy.la_symbols`."""
 
     T: int
     D: int
@@ -146,7 +146,7 @@ def prove_forms_identical(T: int, D: int, E: int) -> tuple[str, ...]:
 
 def prove_reduces_to_la(T: int, D: int, E: int) -> tuple[str, ...]:
     """Entries where the recurrence with ``g_{t,d} = g_t`` for all d differs from la-forward's recurrence
-    (:func:`reference.la_forward_sympy.recurrent_forms`): empty when proven equal."""
+    (:func:`iqa_verify.reference.la_forward_sympy.recurrent_forms`): empty when proven equal."""
     s = gla_symbols(T, D, E)
     la = la_forward_sympy.la_symbols(T, D, E)
     same_gate = {s.g[t, d]: la.g[t] for t in range(T) for d in range(D)}

@@ -18,7 +18,7 @@ from iqa_verify.adapters import fla as fla_adapter
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.iqa.backward import OneStep, Truncated
 from iqa_verify.tolerances import Kind, tolerance
-from reference.la_forward import la_forward_ref
+from iqa_verify.reference.la_forward import la_forward_ref
 
 HAS_FLA = all(importlib.util.find_spec(p) is not None for p in ("fla", "triton", "einops"))
 HAS_DEQ = importlib.util.find_spec("torchdeq") is not None
@@ -190,7 +190,7 @@ def _iqa_inputs(gen):
 @needs_deq
 def test_torchdeq_anderson_ift_matches_implicit_reference(gen):
     from iqa_verify.adapters.torchdeq import make_torchdeq_iqa
-    from reference.iqa import iqa_forward_ref
+    from iqa_verify.reference.iqa import iqa_forward_ref
 
     kernel = make_torchdeq_iqa("tight", f_solver="anderson", b_solver="anderson", ift=True, f_tol=1e-6, b_tol=1e-8,
                                f_max_iter=100, b_max_iter=100)

@@ -12,7 +12,7 @@ from iqa_verify.errors import IqaVerifyError
 from iqa_verify.kernels.delta_forward_chunked import delta_forward_chunked
 from iqa_verify.kernels.delta_forward_recurrent import delta_forward_recurrent
 from iqa_verify.tolerances import Kind, tolerance
-from properties.delta_forward.cases import Beta, DeltaCase, Decay, Keys, build_delta_inputs
+from iqa_verify.properties.delta_forward.cases import Beta, DeltaCase, Decay, Keys, build_delta_inputs
 
 F64 = torch.float64
 CPU = torch.device("cpu")

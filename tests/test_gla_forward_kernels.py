@@ -12,7 +12,7 @@ from iqa_verify.errors import IqaVerifyError
 from iqa_verify.kernels.gla_forward_chunked import GateForm, chunk_plan, gate_form, gla_forward_chunked
 from iqa_verify.kernels.gla_forward_recurrent import gla_forward_recurrent
 from iqa_verify.tolerances import Kind, tolerance
-from properties.gla_forward.cases import Gate, GLACase, build_gla_inputs
+from iqa_verify.properties.gla_forward.cases import Gate, GLACase, build_gla_inputs
 
 F64 = torch.float64
 

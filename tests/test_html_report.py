@@ -85,6 +85,9 @@ def test_report_renders_in_a_real_browser(report_dir: Path, tmp_path: Path) -> N
 
 
 def test_interrupted_check_still_writes_an_incomplete_report(tmp_path: Path) -> None:
+    """In-process, a KeyboardInterrupt is the user's (isolated, a kernel raising one fails instead: see
+    tests/test_misbehaving_kernels.py, which also interrupts an isolated run with SIGTERM). The kernel gets
+    the scale wrong, so ``values`` fails (and is shrunk) before the interrupt comes."""
     kernel = tmp_path / "interrupting.py"
     kernel.write_text(
         "from iqa_verify.kernels.la_forward_recurrent import la_forward_recurrent\n"
@@ -92,12 +95,13 @@ def test_interrupted_check_still_writes_an_incomplete_report(tmp_path: Path) -> 
         "def k(q, k, v, g, initial_state=None, *, scale=1.0):\n"
         "    global calls\n"
         "    calls += 1\n"
-        "    if calls > 40:\n"
+        "    if calls > 60:\n"
         "        raise KeyboardInterrupt\n"
-        "    return la_forward_recurrent(q, k, v, g, initial_state, scale=scale)\n")
+        "    return la_forward_recurrent(q, k, v, g, initial_state, scale=2 * scale)\n")
     out = tmp_path / "rep"
     proc = subprocess.run([sys.executable, "-m", "iqa_verify", "check", f"{kernel}:k", "--family", "la-forward",
-                           "--report", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                           "--only", "la-forward/values", "la-forward/contract", "la-forward/deterministic",
+                           "--in-process", "--report", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 130, proc.stderr
     doc = json.loads((out / "report.json").read_text())
     assert doc["complete"] is False

@@ -21,9 +21,9 @@ from iqa_verify.runner import RunConfig, check, run_property
 from iqa_verify.supervisor import InProcess
 from iqa_verify.tolerances import Kind, tolerance
 from iqa_verify.comparison import compare
-from properties.iqa.cases import ACCEPT_TOL, IQACase, Regime, built_inputs, iqa_cases, pinned_iqa_cases
-from properties.iqa.diagnostics import gradient_gap_vs_unroll_depth, saved_bytes_vs_iterations
-from reference.iqa import (
+from iqa_verify.properties.iqa.cases import ACCEPT_TOL, IQACase, Regime, built_inputs, iqa_cases, pinned_iqa_cases
+from iqa_verify.properties.iqa.diagnostics import gradient_gap_vs_unroll_depth, saved_bytes_vs_iterations
+from iqa_verify.reference.iqa import (
     consensus_fixed_point,
     iqa_finite_difference_grad_ref,
     iqa_implicit_grad_ref,
@@ -66,7 +66,7 @@ def test_exact_builtins_are_verified_in_float32_and_bf16_by_the_builtin_test() -
 
 
 def test_declared_approximation_passes_and_its_gap_is_reported() -> None:
-    impl = "properties.iqa.kernels:iqa_forward_anderson_one_step"
+    impl = "iqa_verify.properties.iqa.kernels:iqa_forward_anderson_one_step"
     verdict = _run(impl, only=("iqa/gradients", "iqa/gradient-gap"))
     assert verdict.passed, [r.counterexample.message for r in verdict.failed() if r.counterexample]
     # the gap at a non-trivial fixed point (a replayed case keeps its notes)

@@ -27,7 +27,7 @@ from iqa_verify.iqa import (
 )
 from iqa_verify.iqa.solvers import default_tol
 from iqa_verify.tolerances import Kind, tolerance
-from reference.iqa import consensus_fixed_point, iqa_implicit_grad_ref, iqa_solve_ref, lipschitz_bound
+from iqa_verify.reference.iqa import consensus_fixed_point, iqa_implicit_grad_ref, iqa_solve_ref, lipschitz_bound
 
 F64 = torch.float64
 GROUPS = ("x", "w_q", "w_k", "w_v")

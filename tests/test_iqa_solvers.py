@@ -10,7 +10,7 @@ from iqa_verify.errors import IqaVerifyError
 from iqa_verify.iqa import Anderson, Broyden, ConvergenceError, FixedPointIteration, Outcome
 from iqa_verify.iqa.solvers import default_tol
 from iqa_verify.tolerances import Kind, tolerance
-from reference.iqa import consensus_fixed_point, iqa_jacobian_y_ref, iqa_map_ref, lipschitz_bound
+from iqa_verify.reference.iqa import consensus_fixed_point, iqa_jacobian_y_ref, iqa_map_ref, lipschitz_bound
 
 F64 = torch.float64
 SOLVERS = [FixedPointIteration(), Anderson(), Broyden()]

@@ -13,7 +13,7 @@ from hypothesis import seed as hypothesis_seed
 
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.profiles import PROFILES, profile_named
-from properties.la_forward.cases import Decay, LACase, Layout, build_la_inputs, la_cases, pinned_la_cases
+from iqa_verify.properties.la_forward.cases import Decay, LACase, Layout, build_la_inputs, la_cases, pinned_la_cases
 
 CI = profile_named("ci")
 CPU = torch.device("cpu")

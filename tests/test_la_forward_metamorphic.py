@@ -22,11 +22,11 @@ from iqa_verify.profiles import profile_named
 from iqa_verify.pytest_plugin import verify
 from iqa_verify.registry import family
 from iqa_verify.runner import RunConfig, check
-from properties.generic import CotangentLayout, cast_keeping_layout, cotangents_for
-from properties.la_forward.cases import Decay, LACase, build_la_inputs
-from properties.la_forward.metamorphic import magnitude_bounds
-from properties.la_forward.varlen import packed_case, packing
-from reference.la_forward import la_forward_recurrent_ref, la_forward_ref
+from iqa_verify.properties.generic import CotangentLayout, cast_keeping_layout, cotangents_for
+from iqa_verify.properties.la_forward.cases import Decay, LACase, build_la_inputs
+from iqa_verify.properties.la_forward.metamorphic import magnitude_bounds
+from iqa_verify.properties.la_forward.varlen import packed_case, packing
+from iqa_verify.reference.la_forward import la_forward_recurrent_ref, la_forward_ref
 
 CPU = torch.device("cpu")
 F64 = torch.float64

@@ -17,11 +17,11 @@ from iqa_verify.outcomes import Status
 from iqa_verify.profiles import profile_named
 from iqa_verify.registry import family
 from iqa_verify.runner import RunConfig, check
-from properties.la_inverse.cases import Conditioning, SolveCase, build_solve_inputs, pinned_solve_cases, solve_cases
-from properties.la_inverse.checks import analyse, forward_checked
-from properties.la_inverse.solvability import SolvabilityRow, solvability_map, to_markdown
-from properties.la_inverse.solve_k import FAMILY_E1, RECURSION_IMPL
-from reference.la_inverse import Unknown
+from iqa_verify.properties.la_inverse.cases import Conditioning, SolveCase, build_solve_inputs, pinned_solve_cases, solve_cases
+from iqa_verify.properties.la_inverse.checks import analyse, forward_checked
+from iqa_verify.properties.la_inverse.solvability import SolvabilityRow, solvability_map, to_markdown
+from iqa_verify.properties.la_inverse.solve_k import FAMILY_E1, RECURSION_IMPL
+from iqa_verify.reference.la_inverse import Unknown
 
 FAMILIES = ("la-solve-v", "la-solve-k", "la-solve-q")
 CI = profile_named("ci")

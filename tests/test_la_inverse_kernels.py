@@ -21,8 +21,8 @@ from iqa_verify.kernels.la_solve_k_lsqr import LinearAttentionKeyMap
 from iqa_verify.kernels.la_solve_q import la_solve_q
 from iqa_verify.kernels.la_solve_v import SingularPolicy, la_solve_v, la_solve_v_sequential
 from iqa_verify.tolerances import Kind, tolerance
-from reference.la_forward import la_forward_ref
-from reference.la_inverse import (
+from iqa_verify.reference.la_forward import la_forward_ref
+from iqa_verify.reference.la_inverse import (
     Unknown,
     la_linear_map,
     la_solve_k_dense_ref,

@@ -15,9 +15,9 @@ import torch
 from iqa_verify.comparison import compare
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.tolerances import Kind, tolerance
-from properties.delta_forward.cases import Beta, DeltaCase, Decay, Keys, build_delta_inputs
-from reference.delta_forward import delta_forward_baseline, delta_forward_recurrent_ref
-from reference.delta_forward_sympy import closed_form, prove_forms_identical
+from iqa_verify.properties.delta_forward.cases import Beta, DeltaCase, Decay, Keys, build_delta_inputs
+from iqa_verify.reference.delta_forward import delta_forward_baseline, delta_forward_recurrent_ref
+from iqa_verify.reference.delta_forward_sympy import closed_form, prove_forms_identical
 
 F64 = torch.float64
 REF_TOL = tolerance(Kind.REFERENCE, F64)

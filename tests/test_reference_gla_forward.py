@@ -15,10 +15,10 @@ import torch
 from iqa_verify.comparison import compare
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.tolerances import Kind, tolerance
-from properties.gla_forward.cases import Gate, GLACase, build_gla_inputs
-from reference.gla_forward import gla_forward_baseline, gla_forward_matrix_ref, gla_forward_recurrent_ref
-from reference.gla_forward_sympy import closed_form, prove_forms_identical, prove_reduces_to_la
-from reference.la_forward import la_forward_ref
+from iqa_verify.properties.gla_forward.cases import Gate, GLACase, build_gla_inputs
+from iqa_verify.reference.gla_forward import gla_forward_baseline, gla_forward_matrix_ref, gla_forward_recurrent_ref
+from iqa_verify.reference.gla_forward_sympy import closed_form, prove_forms_identical, prove_reduces_to_la
+from iqa_verify.reference.la_forward import la_forward_ref
 
 F64 = torch.float64
 REF_TOL = tolerance(Kind.REFERENCE, F64)

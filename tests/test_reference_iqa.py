@@ -14,7 +14,7 @@ import torch
 from iqa_verify.comparison import compare
 from iqa_verify.iqa import Anderson, FixedPointIteration, Outcome, iqa_forward
 from iqa_verify.tolerances import Kind, tolerance
-from reference.iqa import (
+from iqa_verify.reference.iqa import (
     REF_TOL,
     consensus_fixed_point,
     iqa_finite_difference_grad_ref,
@@ -26,7 +26,7 @@ from reference.iqa import (
     iqa_unrolled_grad_ref,
     lipschitz_bound,
 )
-from reference.iqa_sympy import (
+from iqa_verify.reference.iqa_sympy import (
     symbolic_matrix,
     iqa_symbolic_map,
     prove_consensus,

@@ -22,13 +22,13 @@ from iqa_verify.comparison import TensorCheck, compare
 from iqa_verify.contracts import state_dtype_for
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.tolerances import Kind, tolerance
-from reference.la_forward import (
+from iqa_verify.reference.la_forward import (
     la_forward_baseline,
     la_forward_matrix_ref,
     la_forward_recurrent_ref,
     la_forward_ref,
 )
-from reference.la_forward_sympy import (
+from iqa_verify.reference.la_forward_sympy import (
     LAForms,
     closed_form,
     differing_entries,

@@ -9,8 +9,8 @@ import torch
 from iqa_verify.comparison import compare
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.tolerances import Kind, tolerance
-from reference.la_forward import la_forward_ref
-from reference.la_inverse import (
+from iqa_verify.reference.la_forward import la_forward_ref
+from iqa_verify.reference.la_inverse import (
     Unknown,
     la_linear_map,
     la_solve_k_dense_ref,
@@ -20,7 +20,7 @@ from reference.la_inverse import (
     la_solve_v_dense_ref,
     la_solve_v_substitution_ref,
 )
-from reference.la_inverse_sympy import (
+from iqa_verify.reference.la_inverse_sympy import (
     type1_substitution_proof,
     type2_recursion_counterexample,
     type2_recursion_exact_e1,

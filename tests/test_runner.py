@@ -18,7 +18,7 @@ from iqa_verify.profiles import profile_named
 from iqa_verify.registry import family
 from iqa_verify.runner import RunConfig, check, run_property
 from iqa_verify.supervisor import InProcess
-from properties.la_forward.cases import LACase
+from iqa_verify.properties.la_forward.cases import LACase
 from tests.bug_zoo import la_forward as zoo
 
 FAM = family("la-forward")

@@ -18,7 +18,7 @@ torchdeq's defaults (read in its source): ``core='sliced'``, ``f_solver='fixed_p
 (``grad=1``, ``tau=1.0``) — an approximation, not the implicit gradient; ``b_solver='fixed_point_iter'``,
 ``b_max_iter=40``, ``b_tol=1e-6`` for IFT.
 
-What the kernel declares to the ``iqa`` family (``iqa_info``, :mod:`properties.iqa.kernels`):
+What the kernel declares to the ``iqa`` family (``iqa_info``, :mod:`iqa_verify.properties.iqa.kernels`):
 ``ift=True`` → the exact implicit gradient; otherwise a phantom gradient with ``tau=1`` and one state
 (``n_states=1``, integer ``grad=k``) is ``Truncated(k)`` (k applications of f from the detached fixed
 point; ``OneStep()`` for k=1), judged against that approximation with the gap to the implicit gradient
@@ -37,7 +37,7 @@ from iqa_verify.contracts import state_dtype_for
 from iqa_verify.iqa.backward import BackwardMode, OneStep, Truncated
 from iqa_verify.contracts import check_iqa_forward_inputs
 from iqa_verify.iqa.kernel import iqa_default_scale, iqa_map
-from properties.iqa.kernels import IqaKernelInfo
+from iqa_verify.properties.iqa.kernels import IqaKernelInfo
 
 __all__ = ["make_torchdeq_iqa", "declared_backward", "torchdeq_default", "torchdeq_anderson_ift"]
 

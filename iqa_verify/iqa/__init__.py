@@ -1,6 +1,6 @@
 """Implicit query attention (family ``iqa``, SPEC §3): solvers, backward modes and the built-in kernel.
 
-Float64 references live in :mod:`reference.iqa`, sympy facts in :mod:`reference.iqa_sympy`.
+Float64 references live in :mod:`iqa_verify.reference.iqa`, sympy facts in :mod:`iqa_verify.reference.iqa_sympy`.
 """
 
 from iqa_verify.contracts import check_iqa_forward_inputs

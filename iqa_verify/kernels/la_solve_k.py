@@ -207,7 +207,7 @@ def la_solve_k_lsqr(
 ) -> torch.Tensor:
     """:func:`la_solve_k` with ``method=Type2Method.LSQR``: the matrix-free solver (forward kernel and its
     adjoint, implicit backward; :mod:`iqa_verify.kernels.la_solve_k_lsqr`) under the family's signature. Not a
-    built-in: it does not converge on every ci case (see properties.la_inverse.solve_k)."""
+    built-in: it does not converge on every ci case (see iqa_verify.properties.la_inverse.solve_k)."""
     return la_solve_k(q, v, o, g, initial_state, scale=scale, chunk_size=chunk_size, settings=settings,
                       method=Type2Method.LSQR)
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the suite (an optional provider, see :data:`iqa_verify.registry.OPTIONAL_PROVIDERS`).
+"""Triton kernels of the suite (an optional provider, see :data:`iqa_verify.registry.PROVIDERS`, entry point group ``iqa_verify.kernels``).
 
 - ``iqa_verify.triton.la_forward:la_forward_triton`` (family ``la-forward``): chunked forward and backward.
 - ``iqa_verify.triton.la_solve_v:la_solve_v_triton`` (family ``la-solve-v``): chunked Type1 solve.

@@ -276,7 +276,7 @@ def iqa_forward_triton_reference(x, w_q, w_k, w_v=None, *, scale=None):
 
 
 def _declare() -> None:
-    from properties.iqa.kernels import IqaKernelInfo
+    from iqa_verify.properties.iqa.kernels import IqaKernelInfo
 
     iqa_forward_triton.iqa_info = IqaKernelInfo(backward=_BACKWARD, with_stats=iqa_forward_triton_with_stats)  # type: ignore[attr-defined]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
-from properties.delta_forward.cases import DeltaCase, build_delta_inputs, delta_cases, pinned_delta_cases
-from properties.generic import shared_properties
-from reference.delta_forward import delta_forward_baseline, delta_forward_ref
+from iqa_verify.properties.delta_forward.cases import DeltaCase, build_delta_inputs, delta_cases, pinned_delta_cases
+from iqa_verify.properties.generic import shared_properties
+from iqa_verify.reference.delta_forward import delta_forward_baseline, delta_forward_ref
 
 __all__ = ["FAMILY"]
 

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.profiles import Profile, Size
-from properties.gla_forward.cases import initial_state_tensor, sequence_layout
-from properties.la_forward.cases import Layout
+from iqa_verify.properties.gla_forward.cases import initial_state_tensor, sequence_layout
+from iqa_verify.properties.la_forward.cases import Layout
 
 __all__ = ["Beta", "DeltaCase", "Decay", "Keys", "build_delta_inputs", "delta_cases", "pinned_delta_cases"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
-from properties.generic import shared_properties
-from properties.gla_forward.cases import GLACase, build_gla_inputs, gla_cases, pinned_gla_cases
-from reference.gla_forward import gla_forward_baseline, gla_forward_ref
+from iqa_verify.properties.generic import shared_properties
+from iqa_verify.properties.gla_forward.cases import GLACase, build_gla_inputs, gla_cases, pinned_gla_cases
+from iqa_verify.reference.gla_forward import gla_forward_baseline, gla_forward_ref
 
 __all__ = ["FAMILY"]
 

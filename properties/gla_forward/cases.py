@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.profiles import Profile, Size
-from properties.la_forward.cases import Layout
+from iqa_verify.properties.la_forward.cases import Layout
 
 __all__ = ["Gate", "GLACase", "build_gla_inputs", "gla_cases", "initial_state_tensor", "pinned_gla_cases", "sequence_layout"]
 

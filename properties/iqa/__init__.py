@@ -1,11 +1,11 @@
 """The ``iqa`` family: implicit query attention, a fixed point ``y = softmax(scale K (y w_q)^T) V`` (SPEC §3).
 
-Cases: :mod:`properties.iqa.cases` (controlled contraction); where a kernel is judged:
-:mod:`properties.iqa.judging`; IQA properties: :mod:`properties.iqa.checks`; what the family knows about
-a kernel (stats, declared backward mode): :mod:`properties.iqa.kernels`; measurements for reports:
-:mod:`properties.iqa.diagnostics`.
+Cases: :mod:`iqa_verify.properties.iqa.cases` (controlled contraction); where a kernel is judged:
+:mod:`iqa_verify.properties.iqa.judging`; IQA properties: :mod:`iqa_verify.properties.iqa.checks`; what the family knows about
+a kernel (stats, declared backward mode): :mod:`iqa_verify.properties.iqa.kernels`; measurements for reports:
+:mod:`iqa_verify.properties.iqa.diagnostics`.
 
-The family's ``reference`` (:func:`reference.iqa.iqa_forward_ref`, Newton from V) and ``baseline``
+The family's ``reference`` (:func:`iqa_verify.reference.iqa.iqa_forward_ref`, Newton from V) and ``baseline``
 (plain iteration in the input dtype) follow the generic interface; the IQA properties do not use them
 for judging, because the fixed point need not be unique: they refine the kernel's own output instead.
 """
@@ -17,10 +17,10 @@ import torch
 from iqa_verify.contracts import state_dtype_for
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
 from iqa_verify.iqa.solvers import FixedPointIteration
-from properties.generic import shared_properties
-from properties.iqa.cases import IQACase, build_iqa_inputs, iqa_cases, pinned_iqa_cases
-from properties.iqa.checks import iqa_properties, tolerating_refusal
-from reference.iqa import iqa_forward_ref, iqa_map_ref
+from iqa_verify.properties.generic import shared_properties
+from iqa_verify.properties.iqa.cases import IQACase, build_iqa_inputs, iqa_cases, pinned_iqa_cases
+from iqa_verify.properties.iqa.checks import iqa_properties, tolerating_refusal
+from iqa_verify.reference.iqa import iqa_forward_ref, iqa_map_ref
 
 __all__ = ["FAMILY"]
 
@@ -65,7 +65,7 @@ def _properties():
 
 
 def _report_diagnostics(profile):
-    from properties.iqa.diagnostics import report_diagnostics  # solvers and references: imported on demand
+    from iqa_verify.properties.iqa.diagnostics import report_diagnostics  # solvers and references: imported on demand
 
     return report_diagnostics(profile)
 

@@ -4,7 +4,7 @@ An :class:`IQACase` is a small frozen description — sizes, value variant, regi
 Lipschitz bound of the map, memory layout and a seed — from which :func:`build_iqa_inputs` makes the
 tensors deterministically. Hypothesis draws and shrinks specs, never tensor entries.
 
-The map is ``f(y) = softmax(scale K (y w_q)^T) V`` (SPEC §3); :func:`reference.iqa.lipschitz_bound`
+The map is ``f(y) = softmax(scale K (y w_q)^T) V`` (SPEC §3); :func:`iqa_verify.reference.iqa.lipschitz_bound`
 gives a computable bound ``L`` on its Lipschitz constant, homogeneous of degree 1 in ``w_q`` and in
 ``w_k``. Building a case rescales ``w_q`` and ``w_k`` by the same factor ``c = sqrt(target / L)`` so
 that ``max_b L_b`` hits the spec's target:
@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.profiles import Profile, Size
-from reference.iqa import consensus_fixed_point, iqa_jacobian_y_ref, iqa_map_ref, lipschitz_bound
+from iqa_verify.reference.iqa import consensus_fixed_point, iqa_jacobian_y_ref, iqa_map_ref, lipschitz_bound
 
 __all__ = [
     "ACCEPT_STEPS",

@@ -1,8 +1,8 @@
-"""The ``iqa``-specific properties (ids ``iqa/<name>``); the shared ones come from :mod:`properties.generic`.
+"""The ``iqa``-specific properties (ids ``iqa/<name>``); the shared ones come from :mod:`iqa_verify.properties.generic`.
 
 - ``fixed-point``: the output is a fixed point of the float64 map: ``f(y) - y`` is within the RESIDUAL
   tolerance of zero (plus the residual that rounding the exact fixed point to the dtype costs).
-- ``values``: the output equals the reference fixed point (:mod:`properties.iqa.judging`): the consensus
+- ``values``: the output equals the reference fixed point (:mod:`iqa_verify.properties.iqa.judging`): the consensus
   ``1·mean(V)^T`` in the contractive regime, else the float64 fixed point refined from the output.
 - ``convex-combination``: every output row is a convex combination of the values (softmax rows sum to 1).
 - ``gradients``: gradients in x, w_q, w_k, w_v equal the float64 implicit gradient at that fixed point
@@ -23,9 +23,9 @@ from iqa_verify.contracts import state_dtype_for
 from iqa_verify.family import KernelRaised, Property, PropertyContext, Violation
 from iqa_verify.iqa.backward import OneStep, Truncated
 from iqa_verify.tolerances import Kind, tolerance
-from properties.generic import ForwardBackward, cotangents_for, run_forward_backward
-from properties.iqa.cases import Regime
-from properties.iqa.judging import (
+from iqa_verify.properties.generic import ForwardBackward, cotangents_for, run_forward_backward
+from iqa_verify.properties.iqa.cases import Regime
+from iqa_verify.properties.iqa.judging import (
     GROUPS,
     RefPoint,
     convergence_refusal,
@@ -34,8 +34,8 @@ from properties.iqa.judging import (
     reference_grads,
     values_of,
 )
-from properties.iqa.kernels import claims, forward_stats, has_stats
-from reference.iqa import iqa_jacobian_y_ref, iqa_map_baseline, iqa_map_ref, iqa_plain_iteration_baseline
+from iqa_verify.properties.iqa.kernels import claims, forward_stats, has_stats
+from iqa_verify.reference.iqa import iqa_jacobian_y_ref, iqa_map_baseline, iqa_map_ref, iqa_plain_iteration_baseline
 
 __all__ = ["iqa_properties", "note", "tolerating_refusal"]
 

@@ -21,7 +21,7 @@ import torch
 from iqa_verify.iqa.backward import BackwardMode
 from iqa_verify.iqa.kernel import iqa_forward_with_stats
 from iqa_verify.iqa.solvers import FixedPointIteration, Solver
-from reference.iqa import (
+from iqa_verify.reference.iqa import (
     consensus_fixed_point,
     iqa_implicit_grad_ref,
     iqa_jacobian_y_ref,

@@ -6,7 +6,7 @@ Fixed points need not be unique outside the contractive regime (SPEC §3), so th
 * the consensus ``1 · mean_j(v_j)^T`` (closed form, exact) in the contractive regime, where it is the
   unique fixed point;
 * otherwise the float64 fixed point Newton reaches when started from the kernel's own output
-  (:func:`reference.iqa.iqa_solve_ref` with ``y0``); it is judged only when Newton converges.
+  (:func:`iqa_verify.reference.iqa.iqa_solve_ref` with ``y0``); it is judged only when Newton converges.
 
 Reference gradients of ``L = <g, y*>`` (θ = x, w_q, w_k, w_v), with ``J = ∂f/∂y`` at ``y*`` and
 ``u`` the adjoint::
@@ -25,8 +25,8 @@ import torch
 
 from iqa_verify.family import Case, KernelRaised, PropertyContext
 from iqa_verify.iqa.backward import BackwardMode, OneStep, Truncated
-from properties.iqa.cases import Regime
-from reference.iqa import (
+from iqa_verify.properties.iqa.cases import Regime
+from iqa_verify.reference.iqa import (
     REF_TOL,
     consensus_fixed_point,
     iqa_implicit_grad_ref,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
-from properties.generic import shared_properties
-from properties.la_forward.cases import LACase, build_la_inputs, la_cases, pinned_la_cases
-from properties.la_forward.metamorphic import metamorphic_properties
-from properties.la_forward.varlen import varlen_properties
-from reference.la_forward import la_forward_baseline, la_forward_ref
+from iqa_verify.properties.generic import shared_properties
+from iqa_verify.properties.la_forward.cases import LACase, build_la_inputs, la_cases, pinned_la_cases
+from iqa_verify.properties.la_forward.metamorphic import metamorphic_properties
+from iqa_verify.properties.la_forward.varlen import varlen_properties
+from iqa_verify.reference.la_forward import la_forward_baseline, la_forward_ref
 
 __all__ = ["FAMILY"]
 

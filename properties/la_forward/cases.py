@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.profiles import Profile, Size
-from properties.generic import CotangentLayout
+from iqa_verify.properties.generic import CotangentLayout
 
 __all__ = ["Decay", "Layout", "LACase", "la_cases", "pinned_la_cases", "build_la_inputs"]
 
@@ -52,7 +52,7 @@ class Layout(enum.Enum):
 class LACase:
     """B, T, H, D, E sizes; decay regime; initial_state given or None; layout; magnitude: log10 of the
     scale of q, k, v entries; scale: the kernel's ``scale``; seed: the values' random seed; cotangents: the
-    memory layout of the cotangents fed to backward (:class:`~properties.generic.CotangentLayout`);
+    memory layout of the cotangents fed to backward (:class:`~iqa_verify.properties.generic.CotangentLayout`);
     free_T: the length the reference-free properties (state hand-off, causality, sequence independence)
     run at, 0 for the case's own T: they are cheap, so they reach lengths where the float64 reference is slow."""
 

@@ -19,7 +19,7 @@ chunked kernel computes the two runs in different orders (chunk boundaries move,
 per call). The allowance is ``Kind.METAMORPHIC`` (``METAMORPHIC_GRAD``) of the tolerance table in units of
 the magnitude bounds of :func:`magnitude_bounds`.
 
-Every kernel call goes through ``ctx.call`` or :func:`properties.generic.run_forward_backward`.
+Every kernel call goes through ``ctx.call`` or :func:`iqa_verify.properties.generic.run_forward_backward`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 from iqa_verify.comparison import TensorCheck, compare
 from iqa_verify.family import Property, PropertyContext, Violation
 from iqa_verify.tolerances import Kind, tolerance
-from properties.generic import ForwardBackward, cotangents_for, run_forward_backward
-from properties.la_forward.cases import build_la_inputs
+from iqa_verify.properties.generic import ForwardBackward, cotangents_for, run_forward_backward
+from iqa_verify.properties.la_forward.cases import build_la_inputs
 
 __all__ = ["check_runs", "far_from", "free_inputs", "grad_or_zeros", "magnitude_bounds", "metamorphic_properties"]
 

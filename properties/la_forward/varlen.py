@@ -23,10 +23,10 @@ import torch
 from iqa_verify.comparison import TensorCheck, compare
 from iqa_verify.family import NotApplicable, Property, PropertyContext, Violation
 from iqa_verify.tolerances import Kind, tolerance
-from properties.generic import ForwardBackward, cotangents_for, run_forward_backward
-from properties.la_forward.cases import LACase, build_la_inputs
-from properties.la_forward.metamorphic import check_runs, far_from, grad_or_zeros, magnitude_bounds
-from reference.la_forward import la_forward_baseline, la_forward_ref
+from iqa_verify.properties.generic import ForwardBackward, cotangents_for, run_forward_backward
+from iqa_verify.properties.la_forward.cases import LACase, build_la_inputs
+from iqa_verify.properties.la_forward.metamorphic import check_runs, far_from, grad_or_zeros, magnitude_bounds
+from iqa_verify.reference.la_forward import la_forward_baseline, la_forward_ref
 
 __all__ = ["PackedCase", "packed_case", "packing", "varlen_properties"]
 

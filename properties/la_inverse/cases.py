@@ -1,6 +1,6 @@
 """Cases for the inverse forms (``la-solve-v``, ``la-solve-k``, ``la-solve-q``): specs, tensors, strategies.
 
-A :class:`SolveCase` is an :class:`~properties.la_forward.cases.LACase` (shapes, decay, initial state,
+A :class:`SolveCase` is an :class:`~iqa_verify.properties.la_forward.cases.LACase` (shapes, decay, initial state,
 layout, magnitude, scale, seed) plus what an inverse problem adds: which input is unknown, how the
 known inputs condition the system (:class:`Conditioning`) and whether ``o`` is consistent (produced by
 ``la_forward``) or carries noise outside the range of the map (a true least-squares problem).
@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.profiles import Profile, Size
-from properties.la_forward.cases import Decay, LACase, Layout, build_la_inputs
-from reference.la_forward import la_forward_ref
-from reference.la_inverse import Unknown
+from iqa_verify.properties.la_forward.cases import Decay, LACase, Layout, build_la_inputs
+from iqa_verify.reference.la_forward import la_forward_ref
+from iqa_verify.reference.la_inverse import Unknown
 
 __all__ = [
     "Conditioning",

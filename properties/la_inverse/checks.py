@@ -1,6 +1,6 @@
 """Properties of the inverse forms (SPEC §2): what a least-squares solver of ``la_forward(...)[0] = o`` owes.
 
-Per batch and head the problem is ``vec(O) = A vec(X) + c`` (:func:`reference.la_inverse.la_linear_map`),
+Per batch and head the problem is ``vec(O) = A vec(X) + c`` (:func:`iqa_verify.reference.la_inverse.la_linear_map`),
 ``b = vec(O) - c``, ``x_ref = pinv(A) b`` (float64), ``r = b - A x_ref`` (the part of b no X reaches),
 ``sigma`` the singular values of A, ``‖|A|‖`` the 2-norm of the map built from the knowns' magnitudes
 (what input rounding perturbs A by, per unit eps), ``rank`` its rank (torch's pinv cut-off; for Type1
@@ -43,10 +43,10 @@ import torch
 from iqa_verify.comparison import TensorCheck, compare
 from iqa_verify.family import Case, PropertyContext, Violation
 from iqa_verify.tolerances import Kind, tolerance
-from properties.generic import reference_forward_backward, require_finite, run_forward_backward
-from properties.la_inverse.cases import build_solve_problem
-from reference.la_forward import la_forward_ref
-from reference.la_inverse import LinearMap, Unknown, la_linear_map
+from iqa_verify.properties.generic import reference_forward_backward, require_finite, run_forward_backward
+from iqa_verify.properties.la_inverse.cases import build_solve_problem
+from iqa_verify.reference.la_forward import la_forward_ref
+from iqa_verify.reference.la_inverse import LinearMap, Unknown, la_linear_map
 
 __all__ = [
     "DenseSystem",

@@ -1,13 +1,13 @@
 """One builder for the three inverse-form families (``la-solve-v``, ``la-solve-k``, ``la-solve-q``; SPEC §2).
 
-Each family shares the cases of :mod:`properties.la_inverse.cases` and the properties of
-:mod:`properties.la_inverse.checks` plus the shared ones that apply (contract,
+Each family shares the cases of :mod:`iqa_verify.properties.la_inverse.cases` and the properties of
+:mod:`iqa_verify.properties.la_inverse.checks` plus the shared ones that apply (contract,
 inputs-unchanged, no-uninit-reads, deterministic). The shared ``values``, ``gradients`` and ``finite``
 properties are left out on purpose: elementwise agreement with a reference is meaningless where the
 system is ill-conditioned or singular; ``minimum-norm`` and the inverse ``gradients`` and ``finite``
 replace them with condition-aware versions.
 
-reference: the float64 dense pseudo-inverse (``reference.la_inverse.la_solve_*_dense_ref``);
+reference: the float64 dense pseudo-inverse (``iqa_verify.reference.la_inverse.la_solve_*_dense_ref``);
 baseline: the same dense pseudo-inverse computed in the kernel's accumulation dtype (float32 for bf16/fp16).
 """
 
@@ -19,10 +19,10 @@ import torch
 
 from iqa_verify.contracts import state_dtype_for
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec, Property
-from properties.generic import shared_properties
-from properties.la_inverse import checks
-from properties.la_inverse.cases import SolveCase, build_solve_inputs, pinned_solve_cases, solve_cases
-from reference.la_inverse import Unknown, la_linear_map, la_solve_k_dense_ref, la_solve_q_dense_ref, la_solve_v_dense_ref
+from iqa_verify.properties.generic import shared_properties
+from iqa_verify.properties.la_inverse import checks
+from iqa_verify.properties.la_inverse.cases import SolveCase, build_solve_inputs, pinned_solve_cases, solve_cases
+from iqa_verify.reference.la_inverse import Unknown, la_linear_map, la_solve_k_dense_ref, la_solve_q_dense_ref, la_solve_v_dense_ref
 
 __all__ = ["inverse_family", "SIGNATURES"]
 
@@ -119,7 +119,7 @@ def inverse_family(unknown: Unknown, builtin_kernels: tuple[BuiltinKernel, ...])
 
 
 def _solvability(unknown, profile):
-    from properties.la_inverse.solvability import solvability_tables  # imports every inverse kernel
+    from iqa_verify.properties.la_inverse.solvability import solvability_tables  # imports every inverse kernel
 
     return solvability_tables(unknown, profile)
 

@@ -25,10 +25,10 @@ from iqa_verify.diagnostics import Table
 from iqa_verify.kernels.la_solve_k import la_solve_k, la_solve_k_recursion
 from iqa_verify.kernels.la_solve_q import la_solve_q
 from iqa_verify.kernels.la_solve_v import la_solve_v, la_solve_v_sequential
-from properties.la_forward.cases import LACase
-from properties.la_inverse.cases import KNOWNS, Conditioning, SolveCase, build_solve_problem
-from properties.la_inverse.checks import analyse
-from reference.la_inverse import Unknown
+from iqa_verify.properties.la_forward.cases import LACase
+from iqa_verify.properties.la_inverse.cases import KNOWNS, Conditioning, SolveCase, build_solve_problem
+from iqa_verify.properties.la_inverse.checks import analyse
+from iqa_verify.reference.la_inverse import Unknown
 
 __all__ = ["DEFAULT_GRID", "KERNELS", "SolvabilityRow", "solvability_map", "solvability_tables", "to_markdown"]
 

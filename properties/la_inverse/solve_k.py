@@ -13,7 +13,7 @@ verified where it is correct and caught where it is not:
   not the minimum-norm solution (``minimum-norm`` fails: k_t keeps the part of s_{t-1} along q_{t-1});
   ``tests/test_la_inverse_families.py`` checks both;
 - ``tests/bug_zoo/la_inverse.py`` lists it as the planted bug "greedy Type2 recursion", caught for E > 1;
-- :func:`properties.la_inverse.solvability.solvability_map` measures its round-trip residual against
+- :func:`iqa_verify.properties.la_inverse.solvability.solvability_map` measures its round-trip residual against
   LSQR's as E grows.
 """
 
@@ -23,9 +23,9 @@ import dataclasses
 
 
 from iqa_verify.family import BuiltinKernel
-from properties.la_inverse.cases import Conditioning, solve_cases
-from properties.la_inverse.family import inverse_family
-from reference.la_inverse import Unknown
+from iqa_verify.properties.la_inverse.cases import Conditioning, solve_cases
+from iqa_verify.properties.la_inverse.family import inverse_family
+from iqa_verify.reference.la_inverse import Unknown
 
 __all__ = ["FAMILY", "FAMILY_E1", "RECURSION_IMPL"]
 
@@ -35,7 +35,7 @@ RECURSION_IMPL = "iqa_verify.kernels.la_solve_k:la_solve_k_recursion"
 FAMILY = inverse_family(Unknown.K, (
     BuiltinKernel("iqa_verify.kernels.la_solve_k:la_solve_k",
                   "direct float64 solve of the compressed system, one LU/QR per head (the notes' recursion is exact"
-                  " for E = 1 only: see properties.la_inverse.solve_k)"),
+                  " for E = 1 only: see iqa_verify.properties.la_inverse.solve_k)"),
 ))
 """Not a built-in: :func:`~iqa_verify.kernels.la_solve_k.la_solve_k_lsqr` (matrix-free LSQR). It holds every
 property at seed 0 in all four dtypes (ci profile), but under seed 4 (float32) an ill-conditioned case

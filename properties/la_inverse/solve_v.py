@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from iqa_verify.family import BuiltinKernel
-from properties.la_inverse.family import inverse_family
-from reference.la_inverse import Unknown
+from iqa_verify.properties.la_inverse.family import inverse_family
+from iqa_verify.reference.la_inverse import Unknown
 
 __all__ = ["FAMILY"]
 

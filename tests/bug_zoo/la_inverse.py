@@ -15,7 +15,7 @@ import torch
 
 from iqa_verify.contracts import state_dtype_for
 from iqa_verify.kernels.la_solve_k import la_solve_k_recursion
-from reference.la_inverse import Unknown, la_linear_map
+from iqa_verify.reference.la_inverse import Unknown, la_linear_map
 from tests.bug_zoo.planted import PlantedBug
 
 __all__ = ["BUGS"]
