@@ -38,3 +38,32 @@ def test_rank_gap_rule_still_demands_backward_error_there() -> None:
     assert ctx.checks and all(c.passed for c in ctx.checks)
     with pytest.raises(Violation):  # a wrong solver is still caught on the same case
         run_one("la-solve-q", "tests/bug_zoo/la_inverse.py:q_state_before_update", "backward-error", Q_CASE)
+
+
+FWD_CASE = ('{"B":1,"T":1,"H":1,"D":1,"E":1,"decay":"underflow","initial_state":true,"layout":"contiguous",'
+            '"magnitude":0,"scale":1.0,"seed":0}')
+V_CASE = ('{"B":1,"T":2,"H":1,"D":1,"E":1,"decay":"underflow","initial_state":false,"layout":"contiguous",'
+          '"magnitude":0,"scale":1.0,"seed":0,"unknown":"v","conditioning":"well","consistent":true}')
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_natural_scale_admits_the_gla_identity_for_dg(dtype) -> None:
+    """fla's dg = reverse sum of q·dq - k·dk (float32 accumulation) is right to eps times those terms; under
+    underflowing decay the exact dg is ~1e-20 and the identity returns ~1e-8."""
+    ctx = run_one("la-forward", "tests/correct_kernels/la_forward.py:la_forward_identity_dg", "gradients", FWD_CASE, dtype)
+    dg = next(c for c in ctx.checks if c.path == "grad/dg")
+    assert dg.passed and dg.natural_tolerance is not None and "natural scale" in dg.describe()
+
+
+def test_natural_scale_still_catches_the_identity_summed_in_bf16() -> None:
+    with pytest.raises(Violation, match="grad/dg"):
+        run_one("la-forward", "tests/bug_zoo/la_forward.py:dg_identity_in_input_dtype", "gradients",
+                FWD_CASE.replace('"T":1', '"T":2').replace('true', 'false'), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_natural_scale_admits_a_dense_triangular_solve_for_type1_dg(dtype) -> None:
+    """A float64 dense triangular solve differentiated by autograd: exp(G_t - G_s) terms cancel at eps64 and
+    absorb the exact dg (-6e-21 / -4e-16); its error is eps times the terms, not times dg."""
+    for impl in ("la_solve_v_dense_f64", "la_solve_v_triangular_acc"):
+        run_one("la-solve-v", f"tests/correct_kernels/la_inverse.py:{impl}", "gradients", V_CASE, dtype)

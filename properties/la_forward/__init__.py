@@ -7,6 +7,7 @@ import torch
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
 from properties.generic import shared_properties
 from properties.la_forward.cases import LACase, build_la_inputs, la_cases, pinned_la_cases
+from properties.la_forward.natural import dg_natural_scale
 from reference.la_forward import la_forward_baseline, la_forward_ref
 
 __all__ = ["FAMILY"]
@@ -31,6 +32,14 @@ def _differentiable(case: Case) -> tuple[str, ...]:
     return ("q", "k", "v", "g") + (("initial_state",) if case.inputs["initial_state"] is not None else ())
 
 
+def _natural_scales(case: Case, cots: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The decay gradient's natural scale (SPEC §5): the identity dg_t = sum_{s>=t} (q·dq - k·dk) + <dS_T, S_T>
+    that standard kernels use (see :mod:`properties.la_forward.natural`)."""
+    x = case.inputs
+    return {"g": dg_natural_scale(x["q"], x["k"], x["v"], x["g"], x["initial_state"], cots["o"], cots["final_state"],
+                                  scale=case.kwargs["scale"])}
+
+
 def _named(fn):
     def call(inputs, kwargs):
         o, state = fn(*inputs.values(), **kwargs)
@@ -51,7 +60,7 @@ FAMILY = Family(
     differentiable=_differentiable,
     reference=_named(la_forward_ref),
     baseline=_named(la_forward_baseline),
-    properties=shared_properties("la-forward"),
+    properties=shared_properties("la-forward", grad_natural_scales=_natural_scales),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.la_forward_recurrent:la_forward_recurrent",
                       "loop over time, float32 state for bf16/fp16"),

@@ -29,7 +29,8 @@ head); ``eps``-based allowances come from the tolerance table (:data:`Kind.BACKW
 - ``gradients``: on full-column-rank systems with ``kappa eps`` small (there the pseudo-inverse is
   smooth), gradients equal those of the float64 dense pinv under the GRAD tolerance and baseline rule,
   its atol scaled up to ``kappa^2 * FORWARD_ERROR atol * ‖ref‖∞`` where that is larger (derivatives of a least-squares
-  solution are conditioned like kappa^2).
+  solution are conditioned like kappa^2), plus the decay gradient's natural scale (``eps (n + kappa) N``, see
+  :func:`_dg_natural_scale`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from iqa_verify.comparison import TensorCheck, compare
 from iqa_verify.family import Case, PropertyContext, Violation
 from iqa_verify.tolerances import Kind, tolerance
 from properties.generic import reference_forward_backward, require_finite, run_forward_backward
+from properties.la_forward.natural import dg_natural_scale
 from properties.la_inverse.cases import build_solve_problem
 from reference.la_forward import la_forward_ref
 from reference.la_inverse import LinearMap, Unknown, la_linear_map
@@ -424,6 +426,8 @@ def check_gradients(ctx: PropertyContext) -> None:
     kappa = float(sys_.kappa.max())
     # derivatives of a least-squares solution are conditioned like kappa^2: allow kappa^2 * FORWARD_ERROR atol
     widen = max(1.0, kappa * kappa * tolerance(Kind.FORWARD_ERROR, case.dtype).atol / tol.atol)
+    natural = {"g": _dg_natural_scale(case, sys_, ref.grads.get("o"), kappa)}
+    nat_tol = tolerance(Kind.NATURAL_SCALE, case.dtype)
     checks = []
     for n, r in ref.grads.items():
         r = r if r is not None else torch.zeros_like(case.inputs[n], dtype=F64)
@@ -431,9 +435,24 @@ def check_gradients(ctx: PropertyContext) -> None:
         if g is None:
             g = torch.zeros_like(r)
         c = compare(f"grad/d{n}", g, r, tol, dtype=case.dtype, baseline=base.get(n),
-                    scale=widen * float(r.abs().max()))
+                    scale=widen * float(r.abs().max()), natural=natural.get(n), natural_tol=nat_tol)
         checks.append(_with_note(c, f"atol x scale with scale = max(1, kappa^2 atol_fwd / atol) ‖ref‖∞, kappa {kappa:.3g}"))
     ctx.require(checks, "gradients differ from those of the float64 dense pseudo-inverse")
+
+
+def _dg_natural_scale(case: Case, sys_: DenseSystem, w: torch.Tensor | None, kappa: float) -> torch.Tensor | None:
+    """Natural scale of the decay gradient of a solve (SPEC §5). With x the solution and ``w = dL/do`` the
+    adjoint (``A^{+T} dL/dx``), ``dL/dg = -(∂ la_forward / ∂g)^T w`` at x: the forward's decay gradient with
+    cotangent w, which standard kernels form as a difference of larger terms (a triangular solve through
+    ``exp(G_t - G_s)``, or the GLA identity; see :mod:`properties.la_forward.natural`). Its rounding is
+    ``gamma_n N``; the solve adds relative errors of ``kappa eps`` to x and w, hence ``(n + kappa) N``."""
+    if w is None or case.inputs.get("g") is None:
+        return None
+    x = {n: t for n, t in _float64_inputs(case).items()}
+    a, b, _, g, s0 = x.values()
+    sol = sys_.x_ref
+    q, k, v = {Unknown.V: (a, b, sol), Unknown.K: (a, sol, b), Unknown.Q: (sol, a, b)}[_unknown(case)]
+    return dg_natural_scale(q, k, v, g, s0, w, None, scale=case.kwargs["scale"], extra=kappa)
 
 
 def _baseline_grads(ctx: PropertyContext, cots: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:

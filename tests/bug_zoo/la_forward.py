@@ -16,6 +16,7 @@ import torch
 
 from iqa_verify.contracts import state_dtype_for
 from tests.bug_zoo.planted import PlantedBug
+from tests.correct_kernels.la_forward import identity_dg_kernel
 
 __all__ = ["BUGS"]
 
@@ -183,6 +184,14 @@ def output_in_accumulation_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
     return o.to(state_dtype_for(q.dtype)), S
 
 
+def dg_identity_in_input_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
+    """flash-linear-attention's decay gradient (the GLA identity dg_t = sum_{s>=t} q·dq - k·dk, reverse-summed)
+    computed in the input dtype: dq, dk rounded to bf16 and the products and the reverse sum in bf16, without
+    float32 accumulation. Its error is eps_bf16 times the terms, 2^16 times what the identity in float32 makes:
+    only a natural-scale bound admits the float32 identity (tests/correct_kernels) and still catches this."""
+    return identity_dg_kernel(q, k, v, g, initial_state, scale=scale, dg_dtype=q.dtype)
+
+
 def _bug(kernel: str, dtype: str, caught_by: tuple[str, ...], kind: str) -> PlantedBug:
     return PlantedBug(__file__, "la-forward", kernel, dtype, caught_by, kind)
 
@@ -208,4 +217,6 @@ BUGS: tuple[PlantedBug, ...] = (
     _bug("scales_values_in_place", "float32", (_p("inputs-unchanged"),), "modifies its input v in place"),
     _bug("state_cached_across_calls", "float32", (_p("deterministic"),), "hidden state carried across calls"),
     _bug("output_in_accumulation_dtype", "bfloat16", (_p("contract"),), "returns float32 o for bf16 inputs"),
+    _bug("dg_identity_in_input_dtype", "bfloat16", (_p("gradients"),),
+         "decay gradient by the GLA identity summed in bf16 (no float32 accumulation)"),
 )
