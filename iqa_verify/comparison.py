@@ -105,7 +105,7 @@ def compare(
     *,
     dtype: torch.dtype,
     baseline: torch.Tensor | None = None,
-    scale: float | None = None,
+    scale: float | torch.Tensor | None = None,
     natural: torch.Tensor | None = None,
     natural_tol: Tolerance | None = None,
 ) -> TensorCheck:
@@ -116,7 +116,8 @@ def compare(
     floors the scale.
     ``scale`` replaces ``‖expected‖∞`` in the atol term when the natural scale of a tensor is set by
     others (a gradient that is exactly zero in theory is judged against the scale of its siblings,
-    not against its own round-off).
+    not against its own round-off); a tensor of ``expected``'s shape gives each element its own scale
+    (componentwise bounds such as Skeel's).
     ``natural`` (same shape, float64) with ``natural_tol``: the natural scale N_i of each element (the size of
     the terms standard algorithms subtract to form it, times their rounding-chain length); adds
     ``natural_tol.rtol * N_i`` to the allowance (see :attr:`~iqa_verify.tolerances.Kind.NATURAL_SCALE`).
@@ -139,7 +140,10 @@ def compare(
         ok = comparable & torch.isfinite(b)
         base_err = float((b - r).abs()[ok].max()) if bool(ok.any()) else 0.0
     rel_term = tol.rtol * r_c.abs()
-    abs_term = tol.atol * max(scale, finfo.tiny)
+    if isinstance(scale, torch.Tensor):  # an elementwise scale (componentwise bounds)
+        abs_term = tol.atol * scale.detach().to("cpu", torch.float64).reshape(-1).clamp_min(finfo.tiny)
+    else:
+        abs_term = tol.atol * max(scale, finfo.tiny)
     base_term = tol.baseline_factor * (base_err or 0.0)
     allowed = rel_term + abs_term + base_term
     nat_term = torch.zeros_like(r)
@@ -172,7 +176,8 @@ def compare(
         actual_at_worst=float(a[worst]),
         expected_at_worst=float(r[worst]),
         allowed_at_worst=float(allowed[worst]),
-        allowed_terms=(float(rel_term[worst]), abs_term, base_term),
+        allowed_terms=(float(rel_term[worst]), float(abs_term[worst]) if isinstance(abs_term, torch.Tensor) else abs_term,
+                       base_term),
         worst_rel=float(rel[worst_rel]),
         worst_rel_index=_index(worst_rel, shape),
         max_abs=float(err[largest]),

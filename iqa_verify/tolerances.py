@@ -57,6 +57,9 @@ class Kind(enum.Enum):
     # tensor, N = n * sum|terms| (n the length of the longest chain of roundings, Higham's gamma_n bound); the
     # entry's rtol is the unit of that bound: allowed_i += rtol * N_i.
     NATURAL_SCALE = "natural-scale"
+    # Componentwise forward error of Type1 (a triangular solve, componentwise backward stable): allowed
+    # ulp(x_ref) + atol * z elementwise, z Skeel's |A^{-1}| (weights ⊙ |A|_mag |x| + ...) (la_inverse.checks._skeel).
+    COMPONENTWISE = "componentwise"
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,16 @@ def _entries() -> dict[tuple[Kind, torch.dtype], Tolerance]:
         (Kind.NATURAL_SCALE, torch.float32): (2.0**-23, 0.0, 0.0),
         (Kind.NATURAL_SCALE, torch.float16): (2.0**-23, 0.0, 0.0),
         (Kind.NATURAL_SCALE, torch.bfloat16): (2.0**-23, 0.0, 0.0),
+        # Componentwise forward error (Type1 where identifiable and kappa eps small): atol is the unit of Skeel's z,
+        # 2 eps of the accumulation dtype (the rounding weights n + |b_t| + |b_j| are inside z, so gamma_n <= n eps
+        # is admitted twice over); rtol is 0 because the answer's rounding enters as one ulp of x_ref in the output
+        # dtype (twice the half-ulp round-to-nearest costs). A bf16-state Type1 solver errs by ~2 ulps of v at ci
+        # sizes (eps_bf16 times the carried term, sqrt(t) times v), which the normwise bound (rtol = eps_bf16 on
+        # top of kappa ‖x‖ atol) did not see (worst ratio 0.86, issue #14).
+        (Kind.COMPONENTWISE, torch.float64): (0.0, 2 * 2.0**-52, 0.0),
+        (Kind.COMPONENTWISE, torch.float32): (0.0, 2 * 2.0**-23, 0.0),
+        (Kind.COMPONENTWISE, torch.float16): (0.0, 2 * 2.0**-23, 0.0),
+        (Kind.COMPONENTWISE, torch.bfloat16): (0.0, 2 * 2.0**-23, 0.0),
         # float64 references against sympy closed forms and against each other
         (Kind.REFERENCE, torch.float64): (1e-12, 1e-12, 0.0),
         # Fixed-point residuals (family iqa): f(y) - y of a kernel's output, evaluated in float64, against

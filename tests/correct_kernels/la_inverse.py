@@ -7,7 +7,7 @@ the recurrence and solves it with a different routine.
 - Type1 (V): the lower-triangular system ``P V = O/scale - diag(alpha) Q S_0``,
   ``P = (Q K^T) ⊙ exp(G_i - G_j)`` (masked before the exp, ``G = cumsum(g)``), solved by a dense
   triangular solve (``solve_triangular``, differentiated by autograd; LAPACK ``gelsd`` minimum-norm
-  least squares where some ``q_t·k_t = 0``): in float64 (:func:`la_solve_v_dense_f64`) and in the
+  least squares by the pseudo-inverse of P where some ``q_t·k_t = 0``): in float64 (:func:`la_solve_v_dense_f64`) and in the
   accumulation dtype (:func:`la_solve_v_triangular_acc`).
 - Type2 (K): the dense (T E) x (T D) map built from the recurrence, minimum-norm least squares by
   ``gelsd`` (SVD, divide and conquer): float64 (:func:`la_solve_k_dense_f64`), accumulation dtype
@@ -51,23 +51,25 @@ def _decay(g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     return M, torch.exp(G)
 
 
-def _offset(q, g, initial_state, alpha, dtype, E):
-    B, T, H, _ = q.shape
+def _offset(Q, initial_state, alpha, dtype, E):
+    """alpha_t Q_t S_0 on [B, H, T, D] (Q already cast once: two casts of one input would sum their gradients
+    in the input dtype, where partial sums may overflow fp16 and meet as inf - inf)."""
+    B, H, T, _ = Q.shape
     if initial_state is None:
-        return torch.zeros(B, H, T, E, dtype=dtype, device=q.device)
-    return alpha.unsqueeze(-1) * (_hf(q, dtype) @ initial_state.to(dtype))
+        return torch.zeros(B, H, T, E, dtype=dtype, device=Q.device)
+    return alpha.unsqueeze(-1) * (Q @ initial_state.to(dtype))
 
 
 def _solve_v(q, k, o, g, initial_state, scale, dtype):
     M, alpha = _decay(g, dtype)
     Q, K, O = _hf(q, dtype), _hf(k, dtype), _hf(o, dtype)
     P = (Q @ K.transpose(-1, -2)) * M  # [B, H, T, T], lower triangular, diagonal q_t·k_t
-    rhs = O / scale - _offset(q, g, initial_state, alpha, dtype, O.shape[-1])
+    rhs = O / scale - _offset(Q, initial_state, alpha, dtype, O.shape[-1])
     singular = (torch.diagonal(P, dim1=-2, dim2=-1) == 0).any(-1)  # [B, H]
     V = torch.linalg.solve_triangular(torch.where(singular[..., None, None], torch.eye(P.shape[-1], dtype=dtype), P),
                                       rhs, upper=False)
     if bool(singular.any()):
-        V = torch.where(singular[..., None, None], torch.linalg.lstsq(P, rhs, driver="gelsd").solution, V)
+        V = torch.where(singular[..., None, None], torch.linalg.pinv(P) @ rhs, V)
     return V.transpose(1, 2).to(q.dtype)
 
 
@@ -89,7 +91,7 @@ def _solve_k(q, v, o, g, initial_state, scale, dtype):
     # o_t[e] = scale * sum_{j <= t} M_tj v_j[e] (q_t · k_j) + scale * alpha_t (q_t S_0)[e]
     A = torch.einsum("bhtj,bhje,bhtd->bhtejd", M, V, Q) * scale
     A = A.reshape(B, H, T * E, T * D)
-    rhs = (O - scale * _offset(q, g, initial_state, alpha, dtype, E)).reshape(B, H, T * E, 1)
+    rhs = (O - scale * _offset(Q, initial_state, alpha, dtype, E)).reshape(B, H, T * E, 1)
     x = torch.linalg.lstsq(A, rhs, driver="gelsd").solution  # minimum norm, cut at eps * max(m, n)
     return x.reshape(B, H, T, D).transpose(1, 2).to(q.dtype)
 
