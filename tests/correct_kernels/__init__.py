@@ -25,6 +25,9 @@ KERNELS: dict[str, tuple[str, ...]] = {
         "tests/correct_kernels/la_inverse.py:la_solve_q_per_step_f64",
         "tests/correct_kernels/la_inverse.py:la_solve_q_per_step_svd_acc",
     ),
-    "iqa": (),
+    "iqa": (
+        "tests/correct_kernels/iqa.py:iqa_newton_f64",
+        "tests/correct_kernels/iqa.py:iqa_picard_acc",
+    ),
 }
 """Family -> IMPL paths (as ``iqa-verify check`` takes them) of the independent correct kernels."""
