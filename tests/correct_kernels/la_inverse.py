@@ -114,11 +114,13 @@ def la_solve_q_per_step_f64(k, v, o, g, initial_state=None, *, scale=1.0):
     B, H, T, D = K.shape
     E = V.shape[-1]
     S = torch.zeros(B, H, D, E, dtype=F64) if initial_state is None else initial_state.to(F64)
-    out = []
+    states = []
     for t in range(T):
         S = lam[..., t, None, None] * S + K[..., t, :, None] * V[..., t, None, :]
-        out.append((torch.linalg.pinv(scale * S.transpose(-1, -2)) @ O[..., t, :, None]).squeeze(-1))
-    return torch.stack(out, dim=1).to(k.dtype)
+        states.append(S)
+    St = torch.stack(states, dim=2)  # [B, H, T, D, E]; one batched pinv over the steps
+    q = (torch.linalg.pinv(scale * St.transpose(-1, -2)) @ O.unsqueeze(-1)).squeeze(-1)
+    return q.transpose(1, 2).to(k.dtype)
 
 
 def la_solve_q_per_step_svd_acc(k, v, o, g, initial_state=None, *, scale=1.0):
