@@ -51,6 +51,8 @@ ZOOS = {"la-forward": "tests.bug_zoo.la_forward", "la-solve-v": "tests.bug_zoo.l
 RESULTS = ROOT / "reports" / "evidence" / "calibration_results.jsonl"
 REPORT = ROOT / "reports" / "evidence" / "calibration.md"
 PLOT = ROOT / "reports" / "evidence" / "calibration.svg"
+NOTES = ROOT / "reports" / "evidence" / "calibration_notes.md"
+"""Hand-written reading of the results (which slice was run, why a target is missed), included in the report."""
 HEADROOM, SEPARATION = 0.5, 2.0
 UNTOLERANCED = ("contract", "inputs-unchanged", "no-uninit-reads", "deterministic")
 """Properties no tolerance rule decides (bitwise or structural): ``--ratio-only`` leaves them out for correct kernels."""
@@ -89,11 +91,19 @@ def _done(path: Path) -> set[tuple]:
     return keys
 
 
-def _run(role: str, impl: str, fam: str, dtype: str, seed: int, args, only=(), budget=None, skip=()) -> dict:
-    prof = dataclasses.replace(profile_named(args.profile), shrink_budget_s=args.shrink_budget)
+def _importable(impl: str) -> str:
+    """``tests/x/y.py:k`` -> ``tests.x.y:k``: loaded as a module of the repository, because loading by file puts
+    the file's folder on sys.path, where tests/bug_zoo/triton.py would shadow the triton package."""
+    where, _, attr = impl.rpartition(":")
+    return f"{where.removesuffix('.py').replace('/', '.')}:{attr}" if where.endswith(".py") else impl
+
+
+def _run(role: str, impl: str, fam: str, dtype: str, seed: int, args, only=(), budget=None, skip=(),
+         profile: str | None = None) -> dict:
+    prof = dataclasses.replace(profile_named(profile or args.profile), shrink_budget_s=args.shrink_budget)
     started = time.monotonic()
     try:
-        kernel = load_kernel(impl)
+        kernel = load_kernel(_importable(impl))
     except Exception as exc:  # an unloadable kernel is recorded, not fatal
         return {"role": role, "impl": impl, "family": fam, "dtype": dtype, "seed": seed, "error": repr(exc), "props": []}
     cfg = RunConfig(family(fam), kernel, impl, getattr(torch, dtype), torch.device("cpu"), prof, seed,
@@ -110,7 +120,7 @@ def _run(role: str, impl: str, fam: str, dtype: str, seed: int, args, only=(), b
                       "budget_reached": r.budget_reached,
                       "message": (r.counterexample.message[:400] if r.counterexample else (r.error or ""))[:400]})
     return {"role": role, "impl": impl, "family": fam, "dtype": dtype, "seed": seed, "props": props,
-            "seconds": round(time.monotonic() - started, 1)}
+            "profile": prof.name, "seconds": round(time.monotonic() - started, 1)}
 
 
 def run(args) -> None:
@@ -120,18 +130,21 @@ def run(args) -> None:
         for fam in args.families:
             jobs = []
             for dtype in args.dtypes:
-                jobs += [("builtin", k.impl, dtype, (), None) for k in builtin_kernels(fam)]
-                jobs += [("correct", impl, dtype, (), None) for impl in _correct_kernels(fam)]
+                # built-ins where the suite itself runs them on CPU (a Triton kernel: interpreter, smoke profile)
+                jobs += [("builtin", k.impl, dtype, (), None, k.profile) for k in builtin_kernels(fam)
+                         if k.device in (None, "cpu")]
+                jobs += [("correct", impl, dtype, (), None, None) for impl in _correct_kernels(fam)]
                 if args.third_party:
-                    jobs += [("third-party", k.impl, dtype, (), args.third_party_budget) for k in third_party_kernels(fam)]
+                    jobs += [("third-party", k.impl, dtype, (), args.third_party_budget, None)
+                             for k in third_party_kernels(fam)]
             if not args.no_planted and (args.planted_seeds is None or seed in _seeds(args.planted_seeds)):
-                jobs += [("planted", _impl_of_bug(b), b.dtype, b.caught_by, None) for b in _planted(fam)]
+                jobs += [("planted", _impl_of_bug(b), b.dtype, b.caught_by, None, None) for b in _planted(fam)]
             skip = tuple(f"{fam}/{p}" for p in UNTOLERANCED) if args.ratio_only else ()
-            for role, impl, dtype, only, budget in jobs:
+            for role, impl, dtype, only, budget, profile in jobs:
                 key = (role, impl, fam, dtype, seed)
                 if key in done:
                     continue
-                row = _run(role, impl, fam, dtype, seed, args, only, budget, () if only else skip)
+                row = _run(role, impl, fam, dtype, seed, args, only, budget, () if only else skip, profile)
                 with args.results.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 done.add(key)
@@ -202,6 +215,12 @@ def report(args) -> None:
         " caught by the property its smallest worst ratio over seeds ('non-ratio' where it fails without a ratio:"
         " non-finite output, raised, detached, contract; 'MISSED' where a seed did not catch it).",
         f" Targets: zero false alarms; correct p99 <= {HEADROOM}; every planted bug >= {SEPARATION} or a non-ratio failure.",
+        "",
+    ]
+    if NOTES.exists():
+        lines += [NOTES.read_text().strip(), ""]
+    lines += [
+        "## Table",
         "",
         "| family | property | correct runs | p50 | p99 | max | false alarms | planted bugs: smallest ratio over seeds | targets |",
         "|---|---|---|---|---|---|---|---|---|",
