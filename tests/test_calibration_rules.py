@@ -100,3 +100,17 @@ def test_calibration_slice_has_no_false_alarm(tmp_path) -> None:
     table = cal.summarise(cal._load(results))
     alarms = {k: v["false_alarms"] for k, v in table.items() if v["false_alarms"]}
     assert not alarms, alarms
+
+
+def test_componentwise_bound_counts_the_float64_references_own_error() -> None:
+    """In float64 the dense pinv reference is only normwise accurate: without its own error in the allowance every
+    float64 Type1 kernel failed minimum-norm at ci seed 0 (ratio 1.96)."""
+    from iqa_verify.outcomes import Status
+    from iqa_verify.profiles import profile_named
+    from iqa_verify.runner import RunConfig, check
+
+    impl = "iqa_verify.kernels.la_solve_v:la_solve_v"
+    cfg = RunConfig(family("la-solve-v"), load_kernel(impl), impl, torch.float64, torch.device("cpu"),
+                    profile_named("ci"), seed=0)
+    (res,) = [r for r in check(cfg, only=("la-solve-v/minimum-norm",)).results if r.status is not Status.SKIPPED]
+    assert res.status is Status.PASSED and res.worst_ratio < 0.5
