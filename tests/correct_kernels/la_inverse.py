@@ -92,7 +92,10 @@ def _solve_k(q, v, o, g, initial_state, scale, dtype):
     A = torch.einsum("bhtj,bhje,bhtd->bhtejd", M, V, Q) * scale
     A = A.reshape(B, H, T * E, T * D)
     rhs = (O - scale * _offset(Q, initial_state, alpha, dtype, E)).reshape(B, H, T * E, 1)
-    x = torch.linalg.lstsq(A, rhs, driver="gelsd").solution  # minimum norm, cut at eps * max(m, n)
+    if bool(torch.isfinite(rhs).all()):
+        x = torch.linalg.lstsq(A, rhs, driver="gelsd").solution  # minimum norm, cut at eps * max(m, n)
+    else:  # LAPACK's gelsd rejects non-finite data (an o that overflowed fp16): propagate it instead of raising
+        x = torch.linalg.pinv(A) @ rhs
     return x.reshape(B, H, T, D).transpose(1, 2).to(q.dtype)
 
 
