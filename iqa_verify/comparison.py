@@ -49,6 +49,8 @@ class TensorCheck:
     baseline_err: float | None = None
     tolerance: Tolerance | None = None
     note: str = ""
+    natural_at_worst: float = 0.0
+    natural_tolerance: Tolerance | None = None
 
     def describe(self) -> str:
         if self.note and not self.numel:
@@ -67,7 +69,8 @@ class TensorCheck:
             f"  abs diff {self.worst_abs:.3e} at {list(self.worst_index)}"
             f" (kernel {self.actual_at_worst:.6g}, reference {self.expected_at_worst:.6g});"
             f" allowed there {self.allowed_at_worst:.3e} = rtol*|ref| {rt:.2e} + atol*scale {at:.2e}"
-            f" + {factor:g}*baseline {bt:.2e}",
+            f" + {factor:g}*baseline {bt:.2e}"
+            + (f" + natural scale {self.natural_at_worst:.2e}" if self.natural_tolerance is not None else ""),
             f"  largest abs diff {self.max_abs:.3e} at {list(self.max_abs_index)};"
             f" largest rel diff {self.worst_rel:.3e} at {list(self.worst_rel_index)}",
         ]
@@ -75,6 +78,9 @@ class TensorCheck:
             lines.append(f"  {self.nonfinite} non-finite kernel values where the reference is finite")
         if self.tolerance is not None:
             lines.append(f"  tolerance: {self.tolerance.describe()}")
+        if self.natural_tolerance is not None:
+            lines.append(f"  natural scale: eps_acc * N, N = n * sum|terms| the standard algorithms subtract"
+                         f" (rtol={self.natural_tolerance.rtol:g} from {self.natural_tolerance.source})")
         if self.baseline_err is not None:
             lines.append(f"  baseline (same-dtype PyTorch computation) max abs error {self.baseline_err:.3e}")
         if self.note:
@@ -99,7 +105,9 @@ def compare(
     *,
     dtype: torch.dtype,
     baseline: torch.Tensor | None = None,
-    scale: float | None = None,
+    scale: float | torch.Tensor | None = None,
+    natural: torch.Tensor | None = None,
+    natural_tol: Tolerance | None = None,
 ) -> TensorCheck:
     """Compare ``actual`` (any dtype/device) with the float64 ``expected`` under ``tol``.
 
@@ -108,7 +116,11 @@ def compare(
     floors the scale.
     ``scale`` replaces ``‖expected‖∞`` in the atol term when the natural scale of a tensor is set by
     others (a gradient that is exactly zero in theory is judged against the scale of its siblings,
-    not against its own round-off).
+    not against its own round-off); a tensor of ``expected``'s shape gives each element its own scale
+    (componentwise bounds such as Skeel's).
+    ``natural`` (same shape, float64) with ``natural_tol``: the natural scale N_i of each element (the size of
+    the terms standard algorithms subtract to form it, times their rounding-chain length); adds
+    ``natural_tol.rtol * N_i`` to the allowance (see :attr:`~iqa_verify.tolerances.Kind.NATURAL_SCALE`).
     """
     if tuple(actual.shape) != tuple(expected.shape):
         return shape_mismatch(path, actual, tuple(expected.shape))
@@ -128,9 +140,17 @@ def compare(
         ok = comparable & torch.isfinite(b)
         base_err = float((b - r).abs()[ok].max()) if bool(ok.any()) else 0.0
     rel_term = tol.rtol * r_c.abs()
-    abs_term = tol.atol * max(scale, finfo.tiny)
+    if isinstance(scale, torch.Tensor):  # an elementwise scale (componentwise bounds)
+        abs_term = tol.atol * scale.detach().to("cpu", torch.float64).reshape(-1).clamp_min(finfo.tiny)
+    else:
+        abs_term = tol.atol * max(scale, finfo.tiny)
     base_term = tol.baseline_factor * (base_err or 0.0)
     allowed = rel_term + abs_term + base_term
+    nat_term = torch.zeros_like(r)
+    if natural is not None and natural_tol is not None:
+        nat = natural.detach().to("cpu", torch.float64).reshape(-1)
+        nat_term = natural_tol.rtol * torch.where(torch.isfinite(nat), nat, torch.zeros_like(nat))
+        allowed = allowed + nat_term
     # a result the tolerance allows may overflow the dtype when the reference sits within `allowed` of its
     # largest finite number: such entries are not judged (no computation in this dtype can be asked for them)
     comparable = comparable & (r_c.abs() + allowed <= finfo.max)
@@ -156,7 +176,8 @@ def compare(
         actual_at_worst=float(a[worst]),
         expected_at_worst=float(r[worst]),
         allowed_at_worst=float(allowed[worst]),
-        allowed_terms=(float(rel_term[worst]), abs_term, base_term),
+        allowed_terms=(float(rel_term[worst]), float(abs_term[worst]) if isinstance(abs_term, torch.Tensor) else abs_term,
+                       base_term),
         worst_rel=float(rel[worst_rel]),
         worst_rel_index=_index(worst_rel, shape),
         max_abs=float(err[largest]),
@@ -164,4 +185,6 @@ def compare(
         nonfinite=int(nonfinite_mask.sum()),
         baseline_err=base_err,
         tolerance=tol,
+        natural_at_worst=float(nat_term[worst]),
+        natural_tolerance=natural_tol if natural is not None else None,
     )

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 
 import torch
 
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 Tensors = dict[str, torch.Tensor]
+NaturalScales = Callable[[Case, Tensors], Mapping[str, torch.Tensor]]
 
 
 class CotangentLayout(enum.Enum):
@@ -166,8 +168,13 @@ def _value_checks(ctx: PropertyContext, outs: Tensors, ref: Tensors, base: Tenso
     return [compare(f"out/{n}", outs[n], ref[n], tol, dtype=ctx.case.dtype, baseline=base.get(n)) for n in ref]
 
 
-def _grad_checks(ctx: PropertyContext, got: ForwardBackward, ref: ForwardBackward, base: ForwardBackward) -> list[TensorCheck]:
+def _grad_checks(ctx: PropertyContext, got: ForwardBackward, ref: ForwardBackward, base: ForwardBackward,
+                 natural: Mapping[str, torch.Tensor] | None = None) -> list[TensorCheck]:
+    """``natural``: per input name, the natural scale of its gradient declared by the family (see
+    :func:`shared_properties`); it adds ``eps_acc * N`` (table entry NATURAL_SCALE) to the allowance."""
     tol = tolerance(Kind.GRAD, ctx.case.dtype)
+    natural = natural or {}
+    nat_tol = tolerance(Kind.NATURAL_SCALE, ctx.case.dtype) if natural else None
     # A gradient that is exactly zero in theory (dg at T = 1 without an initial state) is judged against the
     # scale of its siblings, not against its own round-off (see compare's ``scale``).
     siblings = max((float(r.abs().max()) for r in ref.grads.values() if r is not None and r.numel()), default=0.0)
@@ -186,7 +193,8 @@ def _grad_checks(ctx: PropertyContext, got: ForwardBackward, ref: ForwardBackwar
                     note=f"no gradient flows to {n} (autograd returned None) but the reference gradient is not zero",
                 )
         else:
-            check = compare(f"grad/d{n}", g, r, tol, dtype=ctx.case.dtype, baseline=b, scale=scale)
+            check = compare(f"grad/d{n}", g, r, tol, dtype=ctx.case.dtype, baseline=b, scale=scale,
+                            natural=natural.get(n), natural_tol=nat_tol)
         checks.append(check)
     return checks
 
@@ -228,11 +236,12 @@ def _values(ctx: PropertyContext) -> None:
     ctx.require(_value_checks(ctx, outs, ref.outputs, base.outputs), "values differ from the float64 reference")
 
 
-def _gradients(ctx: PropertyContext) -> None:
+def _gradients(ctx: PropertyContext, natural_scales: NaturalScales | None = None) -> None:
     ref, cots = reference_forward_backward(ctx)
     got = run_forward_backward(ctx, cots)
     base = _baseline_forward_backward(ctx, cots)
-    ctx.require(_grad_checks(ctx, got, ref, base), "gradients differ from the float64 reference")
+    natural = natural_scales(ctx.case, cots) if natural_scales is not None else None
+    ctx.require(_grad_checks(ctx, got, ref, base, natural), "gradients differ from the float64 reference")
 
 
 def nonfinite_problem(path: str, got: torch.Tensor | None, ref: torch.Tensor | None, dtype: torch.dtype,
@@ -351,7 +360,10 @@ def _deterministic(ctx: PropertyContext) -> None:
                         + "\n  ".join(problems))
 
 
-def shared_properties(family: str) -> tuple[Property, ...]:
+def shared_properties(family: str, *, grad_natural_scales: NaturalScales | None = None) -> tuple[Property, ...]:
+    """The shared properties with ids ``<family>/<name>``. ``grad_natural_scales(case, cotangents)`` -> {input
+    name: N}: the family's declaration of the natural scale of some gradients (SPEC §5; float64, the
+    gradient's shape), added to the ``gradients`` allowance as ``eps_acc * N``."""
     def p(name: str, title: str, fn, catches: str) -> Property:
         return Property(id=f"{family}/{name}", title=title, check=fn, catches=catches)
 
@@ -360,7 +372,8 @@ def shared_properties(family: str) -> tuple[Property, ...]:
           "wrong output dtype (e.g. float32 out for bf16 in), transposed state, outputs on the wrong device"),
         p("values", "outputs equal the float64 reference", _values,
           "wrong math, scale, decay, initial/final state, ragged chunks, low-precision accumulation"),
-        p("gradients", "gradients of all outputs w.r.t. every input equal the float64 reference's", _gradients,
+        p("gradients", "gradients of all outputs w.r.t. every input equal the float64 reference's",
+          partial(_gradients, natural_scales=grad_natural_scales),
           "wrong or missing gradients (decay, initial state), detached outputs"),
         p("finite", "finite wherever the float64 reference is finite", _finite,
           "0/0 and inf*0 from decay ratios that underflow, overflow in intermediates"),

@@ -181,6 +181,9 @@ def test_every_kind_and_dtype_in_use_has_a_table_entry() -> None:
 def test_rtol_and_atol_are_given_together_and_gradients_are_looser() -> None:
     for (kind, dtype), tol in TABLE.items():
         assert math.isfinite(tol.rtol) and tol.rtol >= 0, (kind, dtype)
+        if kind is Kind.NATURAL_SCALE:  # never a tolerance of its own: a term added to a GRAD entry's allowance
+            assert tol.rtol > 0 and tol.atol == 0 and tol.baseline_factor == 0, (kind, dtype)
+            continue
         assert math.isfinite(tol.atol) and tol.atol > 0, (kind, dtype)  # an all-zero reference never demands exact zeros
         if kind is Kind.VALUE:
             grad = TABLE[(Kind.GRAD, dtype)]
@@ -226,3 +229,13 @@ def test_no_tolerance_literals_outside_the_table() -> None:
         if literal.search(line)
     ]
     assert not offenders, "\n".join(offenders)
+
+
+def test_natural_scale_term_adds_eps_times_the_terms_and_says_so() -> None:
+    nat = tolerance(Kind.NATURAL_SCALE, torch.float32)
+    ref = torch.tensor([1e-20, 1e-3], dtype=F64)
+    got = torch.tensor([6e-8, 1e-3])
+    assert not compare("grad/dg", got, ref, TOL32, dtype=torch.float32).passed
+    c = compare("grad/dg", got, ref, TOL32, dtype=torch.float32, natural=torch.tensor([4.0, 0.0], dtype=F64),
+                natural_tol=nat)
+    assert c.passed and c.natural_at_worst == pytest.approx(nat.rtol * 4.0) and "natural scale" in c.describe()

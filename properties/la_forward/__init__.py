@@ -7,6 +7,7 @@ import torch
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
 from iqa_verify.properties.generic import shared_properties
 from iqa_verify.properties.la_forward.cases import LACase, build_la_inputs, la_cases, pinned_la_cases
+from iqa_verify.properties.la_forward.natural import dg_natural_scale
 from iqa_verify.properties.la_forward.metamorphic import metamorphic_properties
 from iqa_verify.properties.la_forward.varlen import varlen_properties
 from iqa_verify.reference.la_forward import la_forward_baseline, la_forward_ref
@@ -33,6 +34,14 @@ def _differentiable(case: Case) -> tuple[str, ...]:
     return ("q", "k", "v", "g") + (("initial_state",) if case.inputs["initial_state"] is not None else ())
 
 
+def _natural_scales(case: Case, cots: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The decay gradient's natural scale (SPEC §5): the identity dg_t = sum_{s>=t} (q·dq - k·dk) + <dS_T, S_T>
+    that standard kernels use (see :mod:`iqa_verify.properties.la_forward.natural`)."""
+    x = case.inputs
+    return {"g": dg_natural_scale(x["q"], x["k"], x["v"], x["g"], x["initial_state"], cots["o"], cots["final_state"],
+                                  scale=case.kwargs["scale"])}
+
+
 def _named(fn):
     def call(inputs, kwargs):
         o, state = fn(*inputs.values(), **kwargs)
@@ -53,8 +62,8 @@ FAMILY = Family(
     differentiable=_differentiable,
     reference=_named(la_forward_ref),
     baseline=_named(la_forward_baseline),
-    properties=(shared_properties("la-forward") + metamorphic_properties("la-forward")
-                + varlen_properties("la-forward")),
+    properties=(shared_properties("la-forward", grad_natural_scales=_natural_scales)
+                + metamorphic_properties("la-forward") + varlen_properties("la-forward")),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.la_forward_recurrent:la_forward_recurrent",
                       "loop over time, float32 state for bf16/fp16"),

@@ -16,6 +16,7 @@ import torch
 
 from iqa_verify.contracts import state_dtype_for
 from tests.bug_zoo.planted import PlantedBug
+from tests.correct_kernels.la_forward import identity_dg_kernel
 
 __all__ = ["BUGS"]
 
@@ -285,6 +286,14 @@ def decay_form_from_first_sequence(q, k, v, g, initial_state=None, *, scale=1.0)
     return _chunk_forms(q, k, v, g, initial_state, scale, "form-from-first-sequence")
 
 
+def dg_identity_in_input_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
+    """flash-linear-attention's decay gradient (the GLA identity dg_t = sum_{s>=t} q·dq - k·dk, reverse-summed)
+    computed in the input dtype: dq, dk rounded to bf16 and the products and the reverse sum in bf16, without
+    float32 accumulation. Its error is eps_bf16 times the terms, 2^16 times what the identity in float32 makes:
+    only a natural-scale bound admits the float32 identity (tests/correct_kernels) and still catches this."""
+    return identity_dg_kernel(q, k, v, g, initial_state, scale=scale, dg_dtype=q.dtype)
+
+
 def _bug(kernel: str, dtype: str, caught_by: tuple[str, ...], kind: str) -> PlantedBug:
     return PlantedBug(__file__, "la-forward", kernel, dtype, caught_by, kind)
 
@@ -316,4 +325,6 @@ BUGS: tuple[PlantedBug, ...] = (
     _bug("decay_form_from_first_gate", "float32", (_p("causality"),), "later gates change earlier outputs"),
     _bug("decay_form_from_first_sequence", "float32", (_p("sequence-independence"),),
          "one batch-wide decision from sequence 0"),
+    _bug("dg_identity_in_input_dtype", "bfloat16", (_p("gradients"),),
+         "decay gradient by the GLA identity summed in bf16 (no float32 accumulation)"),
 )

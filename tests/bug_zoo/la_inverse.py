@@ -145,6 +145,14 @@ def v_state_in_input_dtype(q, k, o, g, initial_state=None, *, scale=1.0):
     return _substitute(q, k, o, g, initial_state, scale, "state-in-input-dtype")
 
 
+def v_state_in_bf16(q, k, o, g, initial_state=None, *, scale=1.0):
+    """bf16 inputs, float32 arithmetic, the carried state stored in bf16 every step: each v_t loses eps_bf16 times
+    the carried term S_{t-1}^T q_t / (q_t·k_t), about two ulps of v at ci sizes. The normwise bound (kappa ‖x‖
+    spread over all T·E entries, on top of one eps_bf16 relative) let it pass (worst ratio 0.86, issue #14);
+    the componentwise (Skeel) bound of Type1 catches it."""
+    return _substitute(q, k, o, g, initial_state, scale, "state-in-input-dtype")
+
+
 def v_initial_state_ignored(q, k, o, g, initial_state=None, *, scale=1.0):
     return _substitute(q, k, o, g, initial_state, scale, "initial-state-ignored")
 
@@ -222,6 +230,8 @@ BUGS: tuple[PlantedBug, ...] = (
     _b("v_singular_step_zeroed", V, ("minimum-norm",), "singular step zeroed: a least-squares answer, not minimum-norm"),
     _b("v_state_in_input_dtype", V, ("backward-error", "finite"),
        "state carried in fp16 (accumulation in the input dtype) overflows its range", "float16"),
+    _b("v_state_in_bf16", V, ("minimum-norm",),
+       "state carried in bf16: a few ulps of v lost at every step (seen componentwise only)", "bfloat16"),
     _b("q_decay_forgotten", Q, ("backward-error",), "state decay forgotten"),
     _b("q_initial_state_ignored", Q, ("backward-error",), "initial state ignored"),
     _b("q_scale_ignored", Q, ("backward-error",), "scale ignored"),

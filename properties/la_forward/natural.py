@@ -1,0 +1,50 @@
+"""Natural scale of the la-forward gradients (SPEC §5, "natural scale"): the size of the terms that standard
+stable algorithms subtract to form a gradient, so the tolerance admits their rounding.
+
+The decay gradient. With ``b = cumsum(g)`` every standard kernel (the GLA paper, flash-linear-attention's
+``chunk_simple_gla``/``chunk_gla``) forms ``dL/db_t = q_t·dq_t - k_t·dk_t`` (scaling q_t by exp(b_t) and k_t by
+exp(-b_t) leaves O unchanged) and sums it in reverse, plus ``<dS_T, S_T>`` for the final state::
+
+    dg_t = sum_{s >= t} (q_s·dq_s - k_s·dk_s) + <dS_T, S_T>
+
+Each product and sum is rounded, and dq, dk themselves carry the rounding of their own sums, so by the
+standard bound ``|computed - exact| <= gamma_n sum |terms|`` the error is at most ``gamma_n N_t`` with::
+
+    N_t = sum_{s >= t} sum_d (|q_sd| Dq_sd + |k_sd| Dk_sd) + sum_de |dS_T| S̄_T
+
+where ``Dq, Dk, S̄_T`` are the gradients and final state of the *magnitude problem* (the float64 reference on
+|q|, |k|, |v|, |S_0| with cotangents |do|, |dS_T|: the sum of the absolute values of the terms that form dq,
+dk and S_T), and ``n = 2T + D + E + 2`` is the longest chain of roundings (T + E terms in dq, D in q·dq, T in
+the reverse sum, the exp and the final state). The term returned is ``n N`` (float64, [B, T, H]); the
+tolerance table multiplies it by the accumulation dtype's eps (:attr:`Kind.NATURAL_SCALE`).
+
+Written here, in the judging code, from the float64 reference only (nothing is shared with a kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from iqa_verify.reference.la_forward import la_forward_ref
+
+__all__ = ["dg_natural_scale"]
+
+F64 = torch.float64
+
+
+def dg_natural_scale(q, k, v, g, initial_state, do, d_state, *, scale: float = 1.0, extra: float = 0.0) -> torch.Tensor:
+    """``(n + extra) N`` for dg (see the module docstring): q, k [B, T, H, D], v, do [B, T, H, E], g [B, T, H],
+    initial_state and d_state [B, H, D, E] or None; any dtype in, float64 [B, T, H] out. ``extra``: further
+    relative error of the terms in units of eps (the inverse forms' kappa, see la_inverse.checks)."""
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    with torch.enable_grad():
+        qa, ka = q.detach().to(F64).abs().requires_grad_(), k.detach().to(F64).abs().requires_grad_()
+        va = v.detach().to(F64).abs()
+        s0 = initial_state.detach().to(F64).abs() if initial_state is not None else None
+        o, S = la_forward_ref(qa, ka, va, g.detach().to(F64), s0, scale=abs(scale))
+        cot_s = d_state.detach().to(F64).abs() if d_state is not None else torch.zeros_like(S)
+        dq, dk = torch.autograd.grad((o, S), (qa, ka), (do.detach().to(F64).abs(), cot_s))
+    per_step = (qa.detach() * dq).sum(-1) + (ka.detach() * dk).sum(-1)  # [B, T, H]
+    n_terms = per_step.flip(1).cumsum(1).flip(1) + (cot_s * S.detach()).sum((-1, -2)).unsqueeze(1)
+    return (2 * T + D + E + 2 + extra) * n_terms
