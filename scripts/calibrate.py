@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from iqa_verify.loading import load_kernel  # noqa: E402
+from iqa_verify.supervisor import InProcess  # noqa: E402
 from iqa_verify.outcomes import Status  # noqa: E402
 from iqa_verify.profiles import profile_named  # noqa: E402
 from iqa_verify.registry import builtin_kernels, family, third_party_kernels  # noqa: E402
@@ -112,8 +113,9 @@ def _run(role: str, impl: str, fam: str, dtype: str, seed: int, args, only=(), b
         kernel = load_kernel(_importable(impl))
     except Exception as exc:  # an unloadable kernel is recorded, not fatal
         return {"role": role, "impl": impl, "family": fam, "dtype": dtype, "seed": seed, "error": repr(exc), "props": []}
+    # in-process: the calibration measures the judging rules on kernels we trust not to end the process
     cfg = RunConfig(family(fam), kernel, impl, getattr(torch, dtype), torch.device("cpu"), prof, seed,
-                    time_budget_s=budget)
+                    time_budget_s=budget, isolation=InProcess())
     verdict = check(cfg, only=only, skip=skip)
     props = []
     for r in verdict.results:

@@ -9,6 +9,7 @@ import torch
 from iqa_verify.family import PropertyContext, Violation
 from iqa_verify.loading import load_kernel
 from iqa_verify.registry import family
+from iqa_verify.supervisor import InProcess, host_for
 
 Q_CASE = ('{"B":2,"T":5,"H":2,"D":2,"E":2,"decay":"underflow","initial_state":true,"layout":"contiguous",'
           '"magnitude":0,"scale":1.0,"seed":3401,"unknown":"q","conditioning":"well","consistent":true}')
@@ -18,7 +19,7 @@ def run_one(family_name: str, impl: str, prop: str, spec_json: str, dtype=torch.
     """Run one property on one case; raises Violation when it fails; returns the context (its checks)."""
     fam = family(family_name)
     case = fam.build(fam.spec_from_json(spec_json), dtype, torch.device("cpu"))
-    ctx = PropertyContext(family=fam, kernel=load_kernel(impl), kernel_name=impl, case=case)
+    ctx = PropertyContext(family=fam, host=host_for(impl, InProcess(), load_kernel(impl)), kernel_name=impl, case=case)
     fam.property(f"{family_name}/{prop}").check(ctx)
     return ctx
 
