@@ -34,14 +34,13 @@ import torch
 
 from iqa_verify.errors import check_shape
 from iqa_verify.contracts import check_iqa_forward_inputs
-from iqa_verify.iqa.kernel import iqa_default_scale
-from iqa_verify.iqa.solvers import ConvergenceError, Outcome, Solution
 
 __all__ = [
     "REF_MAX_ITER",
     "REF_TOL",
     "IqaGrads",
     "IqaRefSolution",
+    "ReferenceConvergenceError",
     "consensus_fixed_point",
     "iqa_finite_difference_grad_ref",
     "iqa_forward_ref",
@@ -85,7 +84,7 @@ def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _scale(w_k: torch.Tensor, scale: float | None) -> float:
-    return iqa_default_scale(w_k.shape[-1]) if scale is None else float(scale)
+    return w_k.shape[-1] ** -0.5 if scale is None else float(scale)  # the contract's default, Dk ** -0.5
 
 
 def _kv(x, w_k, w_v):
@@ -193,12 +192,13 @@ def iqa_solve_ref(
     return IqaRefSolution(y=y, converged=bool((r <= tol).all()), iterations=it, residual=r)
 
 
-def _solution_for_error(sol: IqaRefSolution) -> Solution:
-    conv = sol.residual <= REF_TOL
-    return Solution(
-        y=sol.y, iterations=sol.iterations, residual=sol.residual, converged=conv,
-        outcome=Outcome.MAX_ITER, residual_history=sol.residual[None],
-    )
+class ReferenceConvergenceError(RuntimeError):
+    """The float64 reference's own Newton solve did not converge (written apart from the kernels' solvers)."""
+
+    def __init__(self, what: str, sol: IqaRefSolution) -> None:
+        super().__init__(f"{what}: no convergence after {sol.iterations} iterations; worst relative residual"
+                         f" {float(sol.residual.max()):.3e} (target {REF_TOL:.0e})")
+        self.solution = sol
 
 
 def _params(x, w_q, w_k, w_v):
@@ -259,7 +259,7 @@ def iqa_finite_difference_grad_ref(x, w_q, w_k, w_v, scale, g, *, y_star=None, s
     def loss(args):
         sol = iqa_solve_ref(*args, scale=s, y0=y_star)
         if not sol.converged:
-            raise ConvergenceError("finite differences: perturbed reference solve", _solution_for_error(sol))
+            raise ReferenceConvergenceError("finite differences: perturbed reference solve", sol)
         return float((gd * sol.y).sum())
 
     out = []
@@ -288,7 +288,7 @@ class _ImplicitRef(torch.autograd.Function):
     def forward(ctx, x, w_q, w_k, w_v, scale):
         sol = iqa_solve_ref(x, w_q, w_k, w_v, scale=scale)
         if not sol.converged:
-            raise ConvergenceError("iqa_forward_ref: reference Newton solve", _solution_for_error(sol))
+            raise ReferenceConvergenceError("iqa_forward_ref: reference Newton solve", sol)
         ctx.scale = scale
         ctx.save_for_backward(sol.y, x, w_q, w_k, *(() if w_v is None else (w_v,)))
         ctx.has_v = w_v is not None
@@ -305,7 +305,7 @@ class _ImplicitRef(torch.autograd.Function):
 
 def iqa_forward_ref(x, w_q, w_k, w_v=None, *, scale=None) -> torch.Tensor:
     """float64 fixed point from ``y_0 = V`` (contract signature; y: [B, N, E] float64) whose autograd
-    backward is the exact implicit gradient :func:`iqa_implicit_grad_ref`. Raises ConvergenceError if
+    backward is the exact implicit gradient :func:`iqa_implicit_grad_ref`. Raises ReferenceConvergenceError if
     Newton does not converge (outside the contractive regime: refine a kernel output instead)."""
     check_iqa_forward_inputs(x, w_q, w_k, w_v, scale)
     return _ImplicitRef.apply(x, w_q, w_k, w_v, _scale(w_k, scale))
