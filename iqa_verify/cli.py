@@ -330,7 +330,8 @@ def _isolation_options(p: argparse.ArgumentParser) -> None:
                         " killed and the case reported as a hang (default: the profile's; ci 120)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="cap the kernel process's address space (e.g. 8G; Linux resource limit), so a runaway"
-                        " kernel fails instead of taking the machine down")
+                        " kernel fails instead of taking the machine down (for --device cpu: CUDA's own mappings"
+                        " exceed any useful cap)")
     p.add_argument("--db", default=None, metavar="DIR",
                    help=f"keep failing examples here and replay them first next time (default {DEFAULT_DB}, or"
                         " $IQA_VERIFY_DB; cache this folder between CI runs)")
