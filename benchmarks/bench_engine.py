@@ -119,7 +119,8 @@ def teardown_module() -> None:
         lines += ["", "## Isolation: the kernel in a worker process against --in-process (built-in chunked kernel)", "",
                   "| mode | runs (s) | median s |", "|---|---|---|"]
         for k, rs in runs.items():
-            lines.append(f"| {k} | {', '.join(f'{r['seconds']:.1f}' for r in rs)} | {med[k]:.1f} |")
+            runs_text = ", ".join(f"{r['seconds']:.1f}" for r in rs)
+            lines.append(f"| {k} | {runs_text} | {med[k]:.1f} |")
         lines += ["", f"isolated / in-process: **{med['isolated'] / med['in-process']:.3f}** (target <= 1.10)"]
     RESULTS_FILE.parent.mkdir(exist_ok=True)
     RESULTS_FILE.write_text("\n".join(lines) + "\n")
