@@ -154,7 +154,7 @@ USAGE_ERRORS = [
     ("attr-not-callable", _check("iqa_verify.cli:DTYPES"), "IMPL attr='DTYPES': dict is not callable"),
     ("file-raises-at-import", _check(f"{{tmp}}/{_RAISING_FILE}:la_forward"),
      f"IMPL file='{{tmp}}/{_RAISING_FILE}' could not be imported: RuntimeError: needs a GPU build of mylib"),
-    ("unknown-family", _check(CHUNKED, family_name="la-backward"), "'la-backward': no such family; valid: delta-forward, gla-forward, iqa, la-forward"),
+    ("unknown-family", _check(CHUNKED, family_name="la-backward"), f"'la-backward': no such family; valid: {', '.join(FAMILIES)}"),
     ("unknown-only", _check(CHUNKED, "--only", "la-forward/valuez"),
      "'la-forward/valuez': no such property in family la-forward; valid: la-forward/contract, la-forward/values"),
     ("unknown-skip", _check(CHUNKED, "--skip", "values"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from iqa_verify.registry import family
+from iqa_verify.registry import FAMILIES, family
 from tests.bug_zoo import la_forward as zoo
 
 pytest_plugins = ["pytester"]
@@ -82,7 +82,7 @@ def test_xdist_gives_the_same_outcomes(pytester: pytest.Pytester) -> None:
     ("args", "message"),
     [
         (["--iqa-impl", CHUNKED], "--iqa-impl needs --iqa-family (see `iqa-verify list`)"),
-        (["--iqa-impl", CHUNKED, "--iqa-family", "la-backward"], "'la-backward': no such family; valid: la-forward"),
+        (["--iqa-impl", CHUNKED, "--iqa-family", "la-backward"], f"'la-backward': no such family; valid: {', '.join(FAMILIES)}"),
         (["--iqa-impl", "no_such_pkg:la_forward", "--iqa-family", "la-forward"],
          "IMPL module='no_such_pkg' could not be imported: ModuleNotFoundError: No module named 'no_such_pkg'"),
         (["--iqa-impl", "iqa_verify.kernels.la_forward_chunked", "--iqa-family", "la-forward"],
