@@ -69,7 +69,8 @@ class RunConfig:
     kernel_name is how a person names the kernel on the command line (``pkg.mod:attr`` or
     ``path.py:attr``): repro commands use it. report_dir, when set, receives failing inputs.
     time_budget_s, when set, bounds each property's search: once that many seconds have passed (and at
-    least one example ran, and nothing has failed yet) no new example starts; the result says so. For
+    least one example ran, and nothing is being shrunk) no new example starts, pinned edge regimes
+    included (they run first, in their declared order); the result says so. For
     kernels that run slowly here (third-party Triton kernels in the interpreter). database: a folder for
     Hypothesis' example database (failing examples are saved there and replayed first by the next run of
     the same kernel, family, dtype and device; None: nothing is kept). isolation: where the
@@ -347,6 +348,9 @@ def _search(cfg: RunConfig, props: Sequence[Property], host: KernelHost, results
     # Pinned edge regimes first, for every property; they are not shrunk by Hypothesis, so a property that
     # fails on one stays open in the random search, which may find (and shrink) a smaller counterexample.
     for spec in cfg.family.pinned(cfg.profile):
+        if search._over_time_budget():  # a budgeted run bounds the pinned regimes too (after the first)
+            search.budget_reached = True
+            break
         for pid, j in search.judge(spec, search.open).items():
             if isinstance(j, _Failed) and search.stats[pid].pinned_failure is None:
                 search.stats[pid].pinned_failure = j
