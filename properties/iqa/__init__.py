@@ -1,8 +1,9 @@
 """The ``iqa`` family: implicit query attention, a fixed point ``y = softmax(scale K (y w_q)^T) V`` (SPEC §3).
 
 Cases: :mod:`iqa_verify.properties.iqa.cases` (controlled contraction); where a kernel is judged:
-:mod:`iqa_verify.properties.iqa.judging`; IQA properties: :mod:`iqa_verify.properties.iqa.checks`; what the family knows about
-a kernel (stats, declared backward mode): :mod:`iqa_verify.properties.iqa.kernels`; measurements for reports:
+:mod:`iqa_verify.properties.iqa.judging`; IQA properties: :mod:`iqa_verify.properties.iqa.checks`; what the family reads
+from a kernel (its ``iqa_info``: gradient claim and stats, types in :mod:`iqa_verify.iqa_claims`):
+:mod:`iqa_verify.properties.iqa.kernels`; measurements of the built-in solvers for reports:
 :mod:`iqa_verify.properties.iqa.diagnostics`.
 
 The family's ``reference`` (:func:`iqa_verify.reference.iqa.iqa_forward_ref`, Newton from V) and ``baseline``

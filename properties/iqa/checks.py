@@ -21,7 +21,7 @@ import torch
 from iqa_verify.comparison import TensorCheck, compare
 from iqa_verify.contracts import state_dtype_for
 from iqa_verify.family import KernelRaised, Property, PropertyContext, Violation
-from iqa_verify.iqa.backward import OneStep, Truncated
+from iqa_verify.iqa_claims import GradientClaim, OneStep, Truncated
 from iqa_verify.tolerances import Kind, tolerance
 from iqa_verify.properties.generic import ForwardBackward, cotangents_for, run_forward_backward
 from iqa_verify.properties.iqa.cases import Regime
@@ -150,7 +150,8 @@ def _kernel_grads(ctx: PropertyContext) -> tuple[ForwardBackward, torch.Tensor]:
     return run_forward_backward(ctx, cots), cots["y"]
 
 
-def _baseline_grads(ctx: PropertyContext, g: torch.Tensor, rp: RefPoint, mode=None) -> dict[str, torch.Tensor] | None:
+def _baseline_grads(ctx: PropertyContext, g: torch.Tensor, rp: RefPoint,
+                    mode: GradientClaim | None = None) -> dict[str, torch.Tensor] | None:
     """The straightforward same-precision gradient whose error the baseline rule allows a multiple of.
 
     Exact kernels: backprop through plain iteration from V in the compute dtype, run to the solver's
@@ -160,7 +161,7 @@ def _baseline_grads(ctx: PropertyContext, g: torch.Tensor, rp: RefPoint, mode=No
     the solver error of y* by ~‖∂f/∂y‖^k where f does not contract, for the kernel and baseline alike."""
     case = ctx.case
     if mode is not None and not mode.exact:
-        return _baseline_truncated(ctx, g, rp, 1 if isinstance(mode, OneStep) else getattr(mode, "k", 1))
+        return _baseline_truncated(ctx, g, rp, mode.k if isinstance(mode, Truncated) else 1)
     cd = state_dtype_for(case.dtype)
     leaves = {n: t.detach().to(cd).requires_grad_(True) for n, t in case.inputs.items() if t is not None}
     scale = case.kwargs.get("scale")
