@@ -7,21 +7,20 @@ from a kernel (its ``iqa_info``: gradient claim and stats, types in :mod:`iqa_ve
 :mod:`iqa_verify.properties.iqa.diagnostics`.
 
 The family's ``reference`` (:func:`iqa_verify.reference.iqa.iqa_forward_ref`, Newton from V) and ``baseline``
-(plain iteration in the input dtype) follow the generic interface; the IQA properties do not use them
-for judging, because the fixed point need not be unique: they refine the kernel's own output instead.
+(:func:`iqa_verify.reference.iqa.iqa_forward_baseline`, plain iteration from V in the compute dtype) follow
+the generic interface; the IQA properties do not use them for judging, because the fixed point need not
+be unique: they refine the kernel's own output instead.
 """
 
 from __future__ import annotations
 
 import torch
 
-from iqa_verify.contracts import state_dtype_for
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
-from iqa_verify.iqa.solvers import FixedPointIteration
 from iqa_verify.properties.generic import shared_properties
 from iqa_verify.properties.iqa.cases import IQACase, build_iqa_inputs, iqa_cases, pinned_iqa_cases
 from iqa_verify.properties.iqa.checks import iqa_properties, tolerating_refusal
-from iqa_verify.reference.iqa import iqa_forward_ref, iqa_map_ref
+from iqa_verify.reference.iqa import iqa_forward_baseline, iqa_forward_ref
 
 __all__ = ["FAMILY"]
 
@@ -47,13 +46,7 @@ def _reference(inputs, kwargs):
 
 
 def _baseline(inputs, kwargs):
-    """Plain iteration from V in the compute dtype (float32 for bf16/fp16), output in the input dtype."""
-    x, w_q, w_k, w_v = inputs.values()
-    cd = state_dtype_for(x.dtype)
-    args = [t.to(cd) if t is not None else None for t in (x, w_q, w_k, w_v)]
-    v = args[0] @ args[3] if args[3] is not None else args[0]
-    sol = FixedPointIteration(max_iter=1000).solve(lambda y: iqa_map_ref(y, *args, **kwargs).to(cd), v)
-    return {"y": sol.y.to(x.dtype)}
+    return {"y": iqa_forward_baseline(*inputs.values(), **kwargs)}
 
 
 def _properties():
@@ -66,7 +59,8 @@ def _properties():
 
 
 def _report_diagnostics(profile):
-    from iqa_verify.properties.iqa.diagnostics import report_diagnostics  # solvers and references: imported on demand
+    # measures the built-in solvers (kernel code) for the report's charts; imported on demand, never for judging
+    from iqa_verify.properties.iqa.diagnostics import report_diagnostics
 
     return report_diagnostics(profile)
 
