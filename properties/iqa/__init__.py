@@ -10,6 +10,11 @@ The family's ``reference`` (:func:`iqa_verify.reference.iqa.iqa_forward_ref`, Ne
 (:func:`iqa_verify.reference.iqa.iqa_forward_baseline`, plain iteration from V in the compute dtype) follow
 the generic interface; the IQA properties do not use them for judging, because the fixed point need not
 be unique: they refine the kernel's own output instead.
+
+Declared here: the shared properties it uses (contract, inputs-unchanged, no-uninit-reads, deterministic;
+not values, gradients and finite, which the IQA properties replace) and, for all its properties, its
+honest-refusal policy: in the hard regime a kernel may raise a convergence error instead of answering
+(:func:`~iqa_verify.properties.iqa.judging.convergence_refusal`).
 """
 
 from __future__ import annotations
@@ -19,12 +24,11 @@ import torch
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
 from iqa_verify.properties.generic import shared_properties
 from iqa_verify.properties.iqa.cases import IQACase, build_iqa_inputs, iqa_cases, pinned_iqa_cases
-from iqa_verify.properties.iqa.checks import iqa_properties, tolerating_refusal
+from iqa_verify.properties.iqa.checks import iqa_properties
+from iqa_verify.properties.iqa.judging import convergence_refusal
 from iqa_verify.reference.iqa import iqa_forward_baseline, iqa_forward_ref
 
 __all__ = ["FAMILY"]
-
-_SHARED = ("contract", "inputs-unchanged", "no-uninit-reads", "deterministic")
 
 
 def _build(spec: IQACase, dtype: torch.dtype, device: torch.device) -> Case:
@@ -49,13 +53,8 @@ def _baseline(inputs, kwargs):
     return {"y": iqa_forward_baseline(*inputs.values(), **kwargs)}
 
 
-def _properties():
-    shared = {p.id: p for p in shared_properties("iqa")}
-    out = []
-    for name in _SHARED:
-        p = shared[f"iqa/{name}"]
-        out.append(type(p)(id=p.id, title=p.title, check=tolerating_refusal(p.check), catches=p.catches))
-    return (out[0], *iqa_properties(), *out[1:])
+def _shared(*names: str):
+    return shared_properties("iqa", use=names, honest_refusal=convergence_refusal)
 
 
 def _report_diagnostics(profile):
@@ -77,7 +76,8 @@ FAMILY = Family(
     differentiable=_differentiable,
     reference=_reference,
     baseline=_baseline,
-    properties=_properties(),
+    properties=(*_shared("contract"), *iqa_properties(honest_refusal=convergence_refusal),
+                *_shared("inputs-unchanged", "no-uninit-reads", "deterministic")),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.iqa.kernel:iqa_forward_anderson_implicit",
                       "Anderson forward, implicit backward (Anderson adjoint)"),

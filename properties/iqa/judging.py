@@ -121,7 +121,8 @@ def reference_grads(case: Case, y_star: torch.Tensor, g: torch.Tensor, mode: Gra
 
 def convergence_refusal(ctx: PropertyContext, exc: KernelRaised) -> str | None:
     """In the HARD regime a kernel may refuse honestly: an exception whose class name says it did not
-    converge (e.g. the built-in solvers' ``ConvergenceError``). Returns a note, or None."""
+    converge (e.g. the built-in solvers' ``ConvergenceError``). Returns a note, or None. The ``iqa`` family
+    declares it as its honest-refusal policy (:data:`iqa_verify.properties.generic.HonestRefusal`)."""
     kind = exc.error_type
     if ctx.case.spec.kind is Regime.HARD and "convergence" in kind.lower():
         return f"the kernel raised {kind} (an honest refusal in the hard regime): {exc.message}"
