@@ -18,29 +18,43 @@ ids are ``<family>/<name>``:
 Every property judges the shared evaluation of the case (:class:`~iqa_verify.family.PropertyContext`'s
 memo): three kernel calls per case in all (a plain forward, a forward+backward, and the same poisoned),
 one float64 reference and one same-precision baseline.
+
+A family states which of them it uses and with which knobs in its declaration, as arguments of
+:func:`shared_properties` (``use``, ``grad_natural_scales``, ``honest_refusal``), never by rebuilding the
+properties it gets back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import torch
 
 from iqa_verify.comparison import TensorCheck, compare
-from iqa_verify.family import Case, ForwardBackward, Property, PropertyContext, Violation, digest
+from iqa_verify.errors import check_one_of
+from iqa_verify.family import Case, ForwardBackward, KernelRaised, Property, PropertyContext, Violation, digest
 from iqa_verify.tolerances import Kind, tolerance
 from iqa_verify.wire import cast_keeping_layout
 
 __all__ = [
-    "shared_properties", "cotangents_for", "CotangentLayout", "ForwardBackward", "require_finite",
-    "run_forward_backward", "reference_forward_backward", "cast_keeping_layout",
+    "shared_properties", "SHARED", "HonestRefusal", "NaturalScales", "tolerating", "cotangents_for",
+    "CotangentLayout", "ForwardBackward", "require_finite", "run_forward_backward", "reference_forward_backward",
+    "cast_keeping_layout",
 ]
 
 Tensors = dict[str, torch.Tensor]
+
 NaturalScales = Callable[[Case, Tensors], Mapping[str, torch.Tensor]]
+"""``(case, cotangents) -> {input name: N}``: a family's declaration of the natural scale of some gradients
+(SPEC §5; float64, the gradient's shape), added to the ``gradients`` allowance as ``eps_acc * N``."""
+
+HonestRefusal = Callable[[PropertyContext, KernelRaised], str | None]
+"""``(ctx, raised) -> note or None``: a family's declaration of when a kernel may refuse a case. Given what
+the kernel raised on the case, a note saying why that refusal is honest (the property then passes with the
+note recorded, so the pass is not silent), or None (the exception fails the property, as always)."""
 
 
 class CotangentLayout(enum.Enum):
@@ -360,14 +374,42 @@ def _deterministic(ctx: PropertyContext) -> None:
                         + "\n  ".join(problems))
 
 
-def shared_properties(family: str, *, grad_natural_scales: NaturalScales | None = None) -> tuple[Property, ...]:
-    """The shared properties with ids ``<family>/<name>``. ``grad_natural_scales(case, cotangents)`` -> {input
-    name: N}: the family's declaration of the natural scale of some gradients (SPEC §5; float64, the
-    gradient's shape), added to the ``gradients`` allowance as ``eps_acc * N``."""
-    def p(name: str, title: str, fn, catches: str) -> Property:
-        return Property(id=f"{family}/{name}", title=title, check=fn, catches=catches)
+def tolerating(check: Callable[[PropertyContext], None], honest_refusal: HonestRefusal) -> Callable[[PropertyContext], None]:
+    """``check`` judged under the family's :data:`HonestRefusal` policy: what the kernel raises is passed to
+    ``honest_refusal``; a note makes it a pass (recorded at path ``kernel``), None re-raises it."""
 
-    return (
+    def judged(ctx: PropertyContext) -> None:
+        try:
+            check(ctx)
+        except KernelRaised as exc:
+            why = honest_refusal(ctx, exc)
+            if why is None:
+                raise
+            ctx.record([TensorCheck(path="kernel", passed=True, ratio=0.0, note=why)])
+
+    return judged
+
+
+SHARED = ("contract", "values", "gradients", "finite", "inputs-unchanged", "no-uninit-reads", "deterministic")
+"""The shared properties' names, in their default order."""
+
+
+def shared_properties(family: str, *, grad_natural_scales: NaturalScales | None = None,
+                      use: Sequence[str] | None = None,
+                      honest_refusal: HonestRefusal | None = None) -> tuple[Property, ...]:
+    """The shared properties with ids ``<family>/<name>``, as the family's declaration states them.
+
+    - ``grad_natural_scales``: the natural scale of some gradients (:data:`NaturalScales`), added to the
+      ``gradients`` allowance as ``eps_acc * N``;
+    - ``use``: the names (of :data:`SHARED`) the family uses, in the order given (None: all of them, in
+      :data:`SHARED`'s order); a name not in :data:`SHARED` is an IqaVerifyError;
+    - ``honest_refusal``: when a kernel may refuse a case (:data:`HonestRefusal`), applied to every property
+      returned (None: every exception the kernel raises fails the property)."""
+    def p(name: str, title: str, fn, catches: str) -> Property:
+        check = fn if honest_refusal is None else tolerating(fn, honest_refusal)
+        return Property(id=f"{family}/{name}", title=title, check=check, catches=catches)
+
+    props = (
         p("contract", "output count, shapes, dtypes and device follow the contract", _contract,
           "wrong output dtype (e.g. float32 out for bf16 in), transposed state, outputs on the wrong device"),
         p("values", "outputs equal the float64 reference", _values,
@@ -384,3 +426,9 @@ def shared_properties(family: str, *, grad_natural_scales: NaturalScales | None 
         p("deterministic", "two forward+backward calls on the same input agree bitwise", _deterministic,
           "state cached across calls, races and atomics (forward and backward), uninitialised accumulators"),
     )
+    if use is None:
+        return props
+    for name in use:
+        check_one_of("use", name, SHARED)
+    by_name = dict(zip(SHARED, props))
+    return tuple(by_name[name] for name in use)

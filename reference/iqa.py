@@ -23,6 +23,9 @@ Pieces:
   the solve re-converged at each perturbation). :func:`iqa_forward_ref` is the contract-signature
   forward whose autograd backward is the exact implicit gradient.
 * :func:`consensus_fixed_point` (SPEC §4) and :func:`lipschitz_bound`, a computable contraction bound.
+* The same-precision baseline, written apart from the kernels under test: :func:`iqa_map_baseline` (one
+  application of f in its arguments' dtype), :func:`iqa_plain_iteration_baseline` (plain iteration to
+  about the compute dtype's roundoff) and :func:`iqa_forward_baseline` (both, contract signature).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from iqa_verify.errors import check_shape
-from iqa_verify.contracts import check_iqa_forward_inputs
+from iqa_verify.contracts import check_iqa_forward_inputs, state_dtype_for
 
 __all__ = [
     "REF_MAX_ITER",
@@ -43,10 +46,13 @@ __all__ = [
     "ReferenceConvergenceError",
     "consensus_fixed_point",
     "iqa_finite_difference_grad_ref",
+    "iqa_forward_baseline",
     "iqa_forward_ref",
     "iqa_implicit_grad_ref",
     "iqa_jacobian_y_ref",
+    "iqa_map_baseline",
     "iqa_map_ref",
+    "iqa_plain_iteration_baseline",
     "iqa_solve_ref",
     "iqa_unrolled_grad_ref",
     "lipschitz_bound",
@@ -373,3 +379,18 @@ def iqa_plain_iteration_baseline(fn, y0: torch.Tensor, *, max_iter: int = 1000) 
             return y, True
         y = fy
     return y, False
+
+
+def iqa_forward_baseline(x, w_q, w_k, w_v=None, *, scale=None) -> torch.Tensor:
+    """The same-precision baseline (contract signature): plain iteration from ``y_0 = V``
+    (:func:`iqa_plain_iteration_baseline`) of :func:`iqa_map_baseline`, computed in the compute dtype
+    (float32 for bf16/fp16, else the input dtype); y: [B, N, E] in the input dtype. Differentiable
+    (backprop through the iterations); returns the last iterate whether or not it converged."""
+    check_iqa_forward_inputs(x, w_q, w_k, w_v, scale)
+    cd = state_dtype_for(x.dtype)
+    xc, wq = x.to(cd), w_q.to(cd)
+    k = xc @ w_k.to(cd)
+    v = xc @ w_v.to(cd) if w_v is not None else xc
+    s = _scale(w_k, scale)
+    y, _ = iqa_plain_iteration_baseline(lambda y: iqa_map_baseline(y, k, v, wq, s), v)
+    return y.to(x.dtype)

@@ -16,7 +16,7 @@ import torch
 import iqa_verify.adapters as provider
 from iqa_verify.adapters import fla as fla_adapter
 from iqa_verify.errors import IqaVerifyError
-from iqa_verify.iqa.backward import OneStep, Truncated
+from iqa_verify.iqa_claims import Exact, OneStep, Truncated
 from iqa_verify.tolerances import Kind, tolerance
 from iqa_verify.reference.la_forward import la_forward_ref
 
@@ -167,10 +167,10 @@ def test_fla_bfloat16_keeps_output_dtype_and_float32_state(gen):
     [
         pytest.param({}, OneStep(), id="defaults-phantom-1"),
         pytest.param({"grad": 3}, Truncated(3), id="phantom-3"),
-        pytest.param({"ift": True}, None, id="ift-exact"),
-        pytest.param({"hook_ift": True}, None, id="hook-ift-exact"),
-        pytest.param({"tau": 0.5}, None, id="damped-phantom-undeclared"),
-        pytest.param({"n_states": 2}, None, id="several-states-undeclared"),
+        pytest.param({"ift": True}, Exact(), id="ift-exact"),
+        pytest.param({"hook_ift": True}, Exact(), id="hook-ift-exact"),
+        pytest.param({"tau": 0.5}, Exact(), id="damped-phantom-undeclared"),
+        pytest.param({"n_states": 2}, Exact(), id="several-states-undeclared"),
     ],
 )
 def test_deq_configuration_declares_its_gradient(kwargs, expected):

@@ -66,7 +66,7 @@ def test_exact_builtins_are_verified_in_float32_and_bf16_by_the_builtin_test() -
 
 
 def test_declared_approximation_passes_and_its_gap_is_reported() -> None:
-    impl = "iqa_verify.properties.iqa.kernels:iqa_forward_anderson_one_step"
+    impl = "iqa_verify.iqa.kernel:iqa_forward_anderson_one_step"
     verdict = _run(impl, only=("iqa/gradients", "iqa/gradient-gap"))
     assert verdict.passed, [r.counterexample.message for r in verdict.failed() if r.counterexample]
     # the gap at a non-trivial fixed point (a replayed case keeps its notes)

@@ -7,11 +7,13 @@ is specific to the inverse forms, and the seed sweep (``-m slow``).
 
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
+from iqa_verify.family import BuiltinKernel
 from iqa_verify.loading import load_kernel
 from iqa_verify.outcomes import Status
 from iqa_verify.profiles import profile_named
@@ -20,11 +22,32 @@ from iqa_verify.runner import RunConfig, check
 from iqa_verify.properties.la_inverse.cases import Conditioning, SolveCase, build_solve_inputs, pinned_solve_cases, solve_cases
 from iqa_verify.properties.la_inverse.checks import analyse, forward_checked
 from iqa_verify.properties.la_inverse.solvability import SolvabilityRow, solvability_map, to_markdown
-from iqa_verify.properties.la_inverse.solve_k import FAMILY_E1, RECURSION_IMPL
+from iqa_verify.properties.la_inverse.solve_k import FAMILY as SOLVE_K
 from iqa_verify.reference.la_inverse import Unknown
 
 FAMILIES = ("la-solve-v", "la-solve-k", "la-solve-q")
 CI = profile_named("ci")
+
+RECURSION_IMPL = "iqa_verify.kernels.la_solve_k:la_solve_k_recursion"
+"""The design notes' Type2 recursion: exact for E = 1 (not minimum-norm for D > 1), wrong for E > 1."""
+
+
+def _e1(spec: SolveCase) -> SolveCase:
+    """``spec`` with E = 1 and, since the recursion divides by |q_t|^2 and |v_t|^2, no exactly zero v_t
+    (SINGULAR becomes ILL)."""
+    cond = Conditioning.ILL if spec.conditioning is Conditioning.SINGULAR else spec.conditioning
+    return dataclasses.replace(spec, la=dataclasses.replace(spec.la, E=1), conditioning=cond)
+
+
+FAMILY_E1 = dataclasses.replace(
+    SOLVE_K,
+    cases=lambda profile: solve_cases(profile, Unknown.K).map(_e1),
+    pinned=lambda profile: [_e1(s) for s in SOLVE_K.pinned(profile)],
+    builtin_kernels=(BuiltinKernel(RECURSION_IMPL, "the design notes' step-wise recursion: exact for E = 1 only,"
+                                                   " never minimum-norm for D > 1"),),
+)
+"""A test-only declaration: ``la-solve-k`` restricted to E = 1 (same name, properties and case format; not
+registered), where the recursion is meant to solve the system."""
 
 
 def _verdict(fam, impl: str, seed: int, only=(), dtype=torch.float32):

@@ -18,12 +18,12 @@ torchdeq's defaults (read in its source): ``core='sliced'``, ``f_solver='fixed_p
 (``grad=1``, ``tau=1.0``) — an approximation, not the implicit gradient; ``b_solver='fixed_point_iter'``,
 ``b_max_iter=40``, ``b_tol=1e-6`` for IFT.
 
-What the kernel declares to the ``iqa`` family (``iqa_info``, :mod:`iqa_verify.properties.iqa.kernels`):
-``ift=True`` → the exact implicit gradient; otherwise a phantom gradient with ``tau=1`` and one state
-(``n_states=1``, integer ``grad=k``) is ``Truncated(k)`` (k applications of f from the detached fixed
-point; ``OneStep()`` for k=1), judged against that approximation with the gap to the implicit gradient
-reported. Any other phantom configuration (damped ``tau``, several states) has no counterpart in the
-suite and claims nothing: it is judged as exact.
+What the kernel declares to the ``iqa`` family (``iqa_info``, :mod:`iqa_verify.iqa_claims`):
+``ift=True`` → the exact implicit gradient (``Exact()``); otherwise a phantom gradient with ``tau=1`` and
+one state (``n_states=1``, integer ``grad=k``) is ``Truncated(k)`` (k applications of f from the detached
+fixed point; ``OneStep()`` for k=1), judged against that approximation with the gap to the implicit
+gradient reported. Any other phantom configuration (damped ``tau``, several states) has no counterpart
+in the suite and claims nothing more: it is judged as exact.
 """
 
 from __future__ import annotations
@@ -33,11 +33,9 @@ from typing import Any
 
 import torch
 
-from iqa_verify.contracts import state_dtype_for
-from iqa_verify.iqa.backward import BackwardMode, OneStep, Truncated
-from iqa_verify.contracts import check_iqa_forward_inputs
+from iqa_verify.contracts import check_iqa_forward_inputs, state_dtype_for
 from iqa_verify.iqa.kernel import iqa_default_scale, iqa_map
-from iqa_verify.properties.iqa.kernels import IqaKernelInfo
+from iqa_verify.iqa_claims import Exact, GradientClaim, IqaKernelInfo, OneStep, Truncated
 
 __all__ = ["make_torchdeq_iqa", "declared_backward", "torchdeq_default", "torchdeq_anderson_ift"]
 
@@ -45,16 +43,16 @@ __all__ = ["make_torchdeq_iqa", "declared_backward", "torchdeq_default", "torchd
 _GRAD_DEFAULTS = {"ift": False, "hook_ift": False, "grad": 1, "tau": 1.0, "n_states": 1, "indexing": None}
 
 
-def declared_backward(deq_kwargs: dict[str, Any]) -> BackwardMode | None:
-    """The suite's name for the gradient torchdeq makes under ``deq_kwargs`` (None: the exact implicit
-    gradient is claimed — IFT, or a phantom configuration the suite has no counterpart for)."""
+def declared_backward(deq_kwargs: dict[str, Any]) -> GradientClaim:
+    """The suite's claim for the gradient torchdeq makes under ``deq_kwargs`` (``Exact()``: IFT, or a
+    phantom configuration the suite has no counterpart for)."""
     cfg = {**_GRAD_DEFAULTS, **deq_kwargs}
     if cfg["ift"] or cfg["hook_ift"]:
-        return None
+        return Exact()
     grad = cfg["grad"]
     if isinstance(grad, int) and cfg["tau"] == 1.0 and cfg["n_states"] == 1 and not cfg["indexing"]:
         return OneStep() if grad == 1 else Truncated(grad)
-    return None
+    return Exact()
 
 
 def make_torchdeq_iqa(name: str = "torchdeq_iqa", **deq_kwargs: Any) -> Callable[..., torch.Tensor]:

@@ -13,10 +13,12 @@ value; only its gradient differs between modes::
                        dL/dθ = sum_{t<k} g^T (∂f/∂y)^t ∂f/∂θ   (truncated Neumann series)
     OneStep()          Jacobian-free: dL/dθ = g^T ∂f/∂θ at y* (Truncated(1))
 
-``exact`` (a class attribute) says which modes give the exact implicit gradient. The value trick
-``y = y* + (z - z.detach())`` keeps the solver's value bitwise while routing the gradient through ``z``.
-An adjoint solve that fails raises :class:`~iqa_verify.iqa.solvers.ConvergenceError` during
-``backward()``: a wrong (or zero) gradient is never returned silently. Double backward is not supported.
+``exact`` (a class attribute) says which modes give the exact implicit gradient; ``claim`` is what a
+kernel using the mode declares to the ``iqa`` family (:mod:`iqa_verify.iqa_claims`: data, no
+implementation). The value trick ``y = y* + (z - z.detach())`` keeps the solver's value bitwise while
+routing the gradient through ``z``. An adjoint solve that fails raises
+:class:`~iqa_verify.iqa.solvers.ConvergenceError` during ``backward()``: a wrong (or zero) gradient is
+never returned silently. Double backward is not supported.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import ClassVar
 
 import torch
 
+from iqa_verify import iqa_claims
 from iqa_verify.errors import check_at_least
 from iqa_verify.iqa.solvers import Anderson, Solution, Solver
 
@@ -47,6 +50,11 @@ class BackwardMode(abc.ABC):
     """How gradients flow through the fixed point. ``exact``: gives the exact implicit gradient."""
 
     exact: ClassVar[bool]
+
+    @property
+    @abc.abstractmethod
+    def claim(self) -> iqa_claims.GradientClaim:
+        """The gradient this mode gives, as the claim a kernel declares (:class:`~iqa_verify.iqa_claims.IqaKernelInfo`)."""
 
     def run(self, fn: Map, y0: torch.Tensor, solver: Solver) -> tuple[torch.Tensor, Solution, BackwardStats]:
         """Solve ``y = fn(y)`` from ``y0`` with ``solver`` and attach this mode's gradient (none when
@@ -80,6 +88,10 @@ class Implicit(BackwardMode):
 
     solver: Solver = field(default_factory=Anderson)
     exact: ClassVar[bool] = True
+
+    @property
+    def claim(self) -> iqa_claims.GradientClaim:
+        return iqa_claims.Exact()
 
     def _run(self, fn, y0, solver):
         sol = _solve_detached(fn, y0, solver)
@@ -117,6 +129,10 @@ class Unrolled(BackwardMode):
 
     exact: ClassVar[bool] = True
 
+    @property
+    def claim(self) -> iqa_claims.GradientClaim:
+        return iqa_claims.Exact()
+
     def _run(self, fn, y0, solver):
         with torch.enable_grad():
             sol = solver.solve(fn, y0)
@@ -133,6 +149,10 @@ class Truncated(BackwardMode):
     def __post_init__(self) -> None:
         check_at_least("k", self.k, 1, "the number of backpropagated iterations")
 
+    @property
+    def claim(self) -> iqa_claims.GradientClaim:
+        return iqa_claims.Truncated(self.k)
+
     def _run(self, fn, y0, solver):
         sol = _solve_detached(fn, y0, solver)
         y_star = sol.y.detach()
@@ -148,6 +168,10 @@ class OneStep(BackwardMode):
     """Jacobian-free gradient: the gradient of a single application of f at the detached fixed point."""
 
     exact: ClassVar[bool] = False
+
+    @property
+    def claim(self) -> iqa_claims.GradientClaim:
+        return iqa_claims.OneStep()
 
     def _run(self, fn, y0, solver):
         return Truncated(1)._run(fn, y0, solver)

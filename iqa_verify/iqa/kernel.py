@@ -15,12 +15,18 @@ with an Anderson adjoint solve). bf16/fp16 inputs are computed in float32 (input
 low dtype); the output has the inputs' dtype and device; inputs are never modified. A forward solve
 that does not converge raises :class:`~iqa_verify.iqa.solvers.ConvergenceError` unless
 ``strict=False`` (then the best iterate is returned and the :class:`IqaStats` say what happened).
+
+Every kernel here declares itself to the ``iqa`` family as any user kernel does, with an ``iqa_info``
+attribute (:class:`~iqa_verify.iqa_claims.IqaKernelInfo`: its gradient claim and its call with stats);
+:func:`declare` makes such a kernel from a solver and a backward mode. The built-ins are the four exact
+variants; ``iqa_forward_anderson_one_step`` and ``iqa_forward_anderson_truncated`` declare approximate
+gradients (judged against the reference of that approximation, their gap reported).
 """
 
 from __future__ import annotations
 
 import dataclasses
-
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +34,9 @@ from torch import nn
 
 from iqa_verify.contracts import check_iqa_forward_inputs, state_dtype_for
 from iqa_verify.errors import IqaVerifyError, check_at_least
-from iqa_verify.iqa.backward import BackwardMode, BackwardStats, Implicit, Unrolled
+from iqa_verify.iqa.backward import BackwardMode, BackwardStats, Implicit, OneStep, Truncated, Unrolled
 from iqa_verify.iqa.solvers import Anderson, Broyden, FixedPointIteration, Solution, Solver
+from iqa_verify.iqa_claims import IqaKernelInfo
 
 __all__ = [
     "DEFAULT_BACKWARD",
@@ -37,9 +44,12 @@ __all__ = [
     "LOW_PRECISION_TOL",
     "ImplicitQueryAttention",
     "IqaStats",
+    "declare",
     "iqa_default_scale",
     "iqa_forward",
     "iqa_forward_anderson_implicit",
+    "iqa_forward_anderson_one_step",
+    "iqa_forward_anderson_truncated",
     "iqa_forward_broyden_implicit",
     "iqa_forward_fixed_point_implicit",
     "iqa_forward_fixed_point_unrolled",
@@ -133,24 +143,60 @@ def iqa_forward(
     return iqa_forward_with_stats(x, w_q, w_k, w_v, scale=scale, solver=solver, backward=backward, strict=strict)[0]
 
 
-def iqa_forward_anderson_implicit(x, w_q, w_k, w_v=None, *, scale=None):
-    """Built-in variant: Anderson forward, implicit backward with an Anderson adjoint."""
-    return iqa_forward(x, w_q, w_k, w_v, scale=scale, solver=Anderson(), backward=Implicit(Anderson()))
+# -- the kernels as they declare themselves to the ``iqa`` family (``iqa_info``, iqa_verify.iqa_claims) -----
 
 
-def iqa_forward_broyden_implicit(x, w_q, w_k, w_v=None, *, scale=None):
-    """Built-in variant: Broyden forward, implicit backward with a Broyden adjoint."""
-    return iqa_forward(x, w_q, w_k, w_v, scale=scale, solver=Broyden(), backward=Implicit(Broyden()))
+def _stats_call(solver: Solver, backward: BackwardMode) -> Callable[..., tuple[torch.Tensor, IqaStats]]:
+    def with_stats(x, w_q, w_k, w_v=None, *, scale=None):
+        return iqa_forward_with_stats(x, w_q, w_k, w_v, scale=scale, solver=solver, backward=backward)
+
+    return with_stats
 
 
-def iqa_forward_fixed_point_implicit(x, w_q, w_k, w_v=None, *, scale=None):
-    """Built-in variant: plain iteration forward (up to 1000 steps), implicit backward (Anderson adjoint)."""
-    return iqa_forward(x, w_q, w_k, w_v, scale=scale, solver=FixedPointIteration(max_iter=1000), backward=Implicit(Anderson()))
+def _info(solver: Solver, backward: BackwardMode) -> IqaKernelInfo:
+    return IqaKernelInfo(backward=backward.claim, with_stats=_stats_call(solver, backward))
 
 
-def iqa_forward_fixed_point_unrolled(x, w_q, w_k, w_v=None, *, scale=None):
-    """Built-in variant: plain iteration to convergence (up to 1000 steps), backprop through all of them."""
-    return iqa_forward(x, w_q, w_k, w_v, scale=scale, solver=FixedPointIteration(max_iter=1000), backward=Unrolled())
+def declare(solver: Solver, backward: BackwardMode, name: str, doc: str) -> Callable[..., torch.Tensor]:
+    """A contract kernel ``name(x, w_q, w_k, w_v=None, *, scale=None) -> y`` running :func:`iqa_forward`
+    with ``solver`` and ``backward``, carrying its ``iqa_info``: the gradient claim of ``backward``
+    (``backward.claim``) and the same call with stats (:func:`iqa_forward_with_stats`)."""
+
+    def kernel(x, w_q, w_k, w_v=None, *, scale=None):
+        return iqa_forward(x, w_q, w_k, w_v, scale=scale, solver=solver, backward=backward)
+
+    kernel.__name__ = kernel.__qualname__ = name
+    kernel.__doc__ = doc
+    kernel.iqa_info = _info(solver, backward)  # type: ignore[attr-defined]
+    return kernel
+
+
+iqa_forward.iqa_info = _info(DEFAULT_SOLVER, DEFAULT_BACKWARD)  # type: ignore[attr-defined]
+
+iqa_forward_anderson_implicit = declare(
+    Anderson(), Implicit(Anderson()), "iqa_forward_anderson_implicit",
+    "Built-in variant: Anderson forward, implicit backward with an Anderson adjoint.",
+)
+iqa_forward_broyden_implicit = declare(
+    Broyden(), Implicit(Broyden()), "iqa_forward_broyden_implicit",
+    "Built-in variant: Broyden forward, implicit backward with a Broyden adjoint.",
+)
+iqa_forward_fixed_point_implicit = declare(
+    FixedPointIteration(max_iter=1000), Implicit(Anderson()), "iqa_forward_fixed_point_implicit",
+    "Built-in variant: plain iteration forward (up to 1000 steps), implicit backward (Anderson adjoint).",
+)
+iqa_forward_fixed_point_unrolled = declare(
+    FixedPointIteration(max_iter=1000), Unrolled(), "iqa_forward_fixed_point_unrolled",
+    "Built-in variant: plain iteration to convergence (up to 1000 steps), backprop through all of them.",
+)
+iqa_forward_anderson_one_step = declare(
+    Anderson(), OneStep(), "iqa_forward_anderson_one_step",
+    "Anderson forward; declared one-step (Jacobian-free) gradient g^T ∂f/∂θ at y* (an approximation).",
+)
+iqa_forward_anderson_truncated = declare(
+    Anderson(), Truncated(5), "iqa_forward_anderson_truncated",
+    "Anderson forward; declared truncated backprop through 5 applications of f at y* (an approximation).",
+)
 
 
 class ImplicitQueryAttention(nn.Module):

@@ -39,6 +39,7 @@ from iqa_verify.iqa.backward import Implicit  # noqa: E402
 from iqa_verify.contracts import check_iqa_forward_inputs  # noqa: E402
 from iqa_verify.iqa.kernel import IqaStats, iqa_default_scale  # noqa: E402
 from iqa_verify.iqa.solvers import Anderson  # noqa: E402
+from iqa_verify.iqa_claims import IqaKernelInfo  # noqa: E402
 
 __all__ = ["iqa_map_triton", "iqa_forward_triton", "iqa_forward_triton_with_stats", "iqa_forward_triton_reference"]
 
@@ -275,13 +276,6 @@ def iqa_forward_triton_reference(x, w_q, w_k, w_v=None, *, scale=None):
     return iqa_forward(x, w_q, w_k, w_v, scale=scale, solver=_SOLVER, backward=_BACKWARD)
 
 
-def _declare() -> None:
-    from iqa_verify.properties.iqa.kernels import IqaKernelInfo
-
-    iqa_forward_triton.iqa_info = IqaKernelInfo(backward=_BACKWARD, with_stats=iqa_forward_triton_with_stats)  # type: ignore[attr-defined]
-
-
-try:  # the suite's properties read the declared solver/backward; the kernel works without them
-    _declare()
-except ImportError:  # pragma: no cover - properties/ is not installed with the package
-    pass
+# What the kernel declares to the ``iqa`` family: the exact implicit gradient and its call with stats.
+iqa_forward_triton.iqa_info = IqaKernelInfo(  # type: ignore[attr-defined]
+    backward=_BACKWARD.claim, with_stats=iqa_forward_triton_with_stats)

@@ -1,30 +1,34 @@
 """The ``iqa`` family: implicit query attention, a fixed point ``y = softmax(scale K (y w_q)^T) V`` (SPEC §3).
 
 Cases: :mod:`iqa_verify.properties.iqa.cases` (controlled contraction); where a kernel is judged:
-:mod:`iqa_verify.properties.iqa.judging`; IQA properties: :mod:`iqa_verify.properties.iqa.checks`; what the family knows about
-a kernel (stats, declared backward mode): :mod:`iqa_verify.properties.iqa.kernels`; measurements for reports:
+:mod:`iqa_verify.properties.iqa.judging`; IQA properties: :mod:`iqa_verify.properties.iqa.checks`; what the family reads
+from a kernel (its ``iqa_info``: gradient claim and stats, types in :mod:`iqa_verify.iqa_claims`):
+:mod:`iqa_verify.properties.iqa.kernels`; measurements of the built-in solvers for reports:
 :mod:`iqa_verify.properties.iqa.diagnostics`.
 
 The family's ``reference`` (:func:`iqa_verify.reference.iqa.iqa_forward_ref`, Newton from V) and ``baseline``
-(plain iteration in the input dtype) follow the generic interface; the IQA properties do not use them
-for judging, because the fixed point need not be unique: they refine the kernel's own output instead.
+(:func:`iqa_verify.reference.iqa.iqa_forward_baseline`, plain iteration from V in the compute dtype) follow
+the generic interface; the IQA properties do not use them for judging, because the fixed point need not
+be unique: they refine the kernel's own output instead.
+
+Declared here: the shared properties it uses (contract, inputs-unchanged, no-uninit-reads, deterministic;
+not values, gradients and finite, which the IQA properties replace) and, for all its properties, its
+honest-refusal policy: in the hard regime a kernel may raise a convergence error instead of answering
+(:func:`~iqa_verify.properties.iqa.judging.convergence_refusal`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from iqa_verify.contracts import state_dtype_for
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
-from iqa_verify.iqa.solvers import FixedPointIteration
 from iqa_verify.properties.generic import shared_properties
 from iqa_verify.properties.iqa.cases import IQACase, build_iqa_inputs, iqa_cases, pinned_iqa_cases
-from iqa_verify.properties.iqa.checks import iqa_properties, tolerating_refusal
-from iqa_verify.reference.iqa import iqa_forward_ref, iqa_map_ref
+from iqa_verify.properties.iqa.checks import iqa_properties
+from iqa_verify.properties.iqa.judging import convergence_refusal
+from iqa_verify.reference.iqa import iqa_forward_baseline, iqa_forward_ref
 
 __all__ = ["FAMILY"]
-
-_SHARED = ("contract", "inputs-unchanged", "no-uninit-reads", "deterministic")
 
 
 def _build(spec: IQACase, dtype: torch.dtype, device: torch.device) -> Case:
@@ -46,26 +50,16 @@ def _reference(inputs, kwargs):
 
 
 def _baseline(inputs, kwargs):
-    """Plain iteration from V in the compute dtype (float32 for bf16/fp16), output in the input dtype."""
-    x, w_q, w_k, w_v = inputs.values()
-    cd = state_dtype_for(x.dtype)
-    args = [t.to(cd) if t is not None else None for t in (x, w_q, w_k, w_v)]
-    v = args[0] @ args[3] if args[3] is not None else args[0]
-    sol = FixedPointIteration(max_iter=1000).solve(lambda y: iqa_map_ref(y, *args, **kwargs).to(cd), v)
-    return {"y": sol.y.to(x.dtype)}
+    return {"y": iqa_forward_baseline(*inputs.values(), **kwargs)}
 
 
-def _properties():
-    shared = {p.id: p for p in shared_properties("iqa")}
-    out = []
-    for name in _SHARED:
-        p = shared[f"iqa/{name}"]
-        out.append(type(p)(id=p.id, title=p.title, check=tolerating_refusal(p.check), catches=p.catches))
-    return (out[0], *iqa_properties(), *out[1:])
+def _shared(*names: str):
+    return shared_properties("iqa", use=names, honest_refusal=convergence_refusal)
 
 
 def _report_diagnostics(profile):
-    from iqa_verify.properties.iqa.diagnostics import report_diagnostics  # solvers and references: imported on demand
+    # measures the built-in solvers (kernel code) for the report's charts; imported on demand, never for judging
+    from iqa_verify.properties.iqa.diagnostics import report_diagnostics
 
     return report_diagnostics(profile)
 
@@ -82,7 +76,8 @@ FAMILY = Family(
     differentiable=_differentiable,
     reference=_reference,
     baseline=_baseline,
-    properties=_properties(),
+    properties=(*_shared("contract"), *iqa_properties(honest_refusal=convergence_refusal),
+                *_shared("inputs-unchanged", "no-uninit-reads", "deterministic")),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.iqa.kernel:iqa_forward_anderson_implicit",
                       "Anderson forward, implicit backward (Anderson adjoint)"),

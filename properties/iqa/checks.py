@@ -20,15 +20,14 @@ import torch
 
 from iqa_verify.comparison import TensorCheck, compare
 from iqa_verify.contracts import state_dtype_for
-from iqa_verify.family import KernelRaised, Property, PropertyContext, Violation
-from iqa_verify.iqa.backward import OneStep, Truncated
+from iqa_verify.family import Property, PropertyContext, Violation
+from iqa_verify.iqa_claims import GradientClaim, OneStep, Truncated
 from iqa_verify.tolerances import Kind, tolerance
-from iqa_verify.properties.generic import ForwardBackward, cotangents_for, run_forward_backward
+from iqa_verify.properties.generic import ForwardBackward, HonestRefusal, cotangents_for, run_forward_backward, tolerating
 from iqa_verify.properties.iqa.cases import Regime
 from iqa_verify.properties.iqa.judging import (
     GROUPS,
     RefPoint,
-    convergence_refusal,
     inputs64,
     ref_point,
     reference_grads,
@@ -37,7 +36,7 @@ from iqa_verify.properties.iqa.judging import (
 from iqa_verify.properties.iqa.kernels import claims, forward_stats, has_stats
 from iqa_verify.reference.iqa import iqa_jacobian_y_ref, iqa_map_baseline, iqa_map_ref, iqa_plain_iteration_baseline
 
-__all__ = ["iqa_properties", "note", "tolerating_refusal"]
+__all__ = ["iqa_properties", "note"]
 
 F64 = torch.float64
 
@@ -45,21 +44,6 @@ F64 = torch.float64
 def note(ctx: PropertyContext, path: str, text: str) -> None:
     """Record a passing check that says what was (not) checked, so a pass is never silent."""
     ctx.record([TensorCheck(path=path, passed=True, ratio=0.0, note=text)])
-
-
-def tolerating_refusal(check):
-    """Wrap ``check`` so an honest convergence refusal in the HARD regime passes with a note."""
-
-    def wrapped(ctx: PropertyContext) -> None:
-        try:
-            check(ctx)
-        except KernelRaised as exc:
-            why = convergence_refusal(ctx, exc)
-            if why is None:
-                raise
-            note(ctx, "kernel", why)
-
-    return wrapped
 
 
 def _output(ctx: PropertyContext) -> torch.Tensor:
@@ -150,7 +134,8 @@ def _kernel_grads(ctx: PropertyContext) -> tuple[ForwardBackward, torch.Tensor]:
     return run_forward_backward(ctx, cots), cots["y"]
 
 
-def _baseline_grads(ctx: PropertyContext, g: torch.Tensor, rp: RefPoint, mode=None) -> dict[str, torch.Tensor] | None:
+def _baseline_grads(ctx: PropertyContext, g: torch.Tensor, rp: RefPoint,
+                    mode: GradientClaim | None = None) -> dict[str, torch.Tensor] | None:
     """The straightforward same-precision gradient whose error the baseline rule allows a multiple of.
 
     Exact kernels: backprop through plain iteration from V in the compute dtype, run to the solver's
@@ -160,7 +145,7 @@ def _baseline_grads(ctx: PropertyContext, g: torch.Tensor, rp: RefPoint, mode=No
     the solver error of y* by ~‖∂f/∂y‖^k where f does not contract, for the kernel and baseline alike."""
     case = ctx.case
     if mode is not None and not mode.exact:
-        return _baseline_truncated(ctx, g, rp, 1 if isinstance(mode, OneStep) else getattr(mode, "k", 1))
+        return _baseline_truncated(ctx, g, rp, mode.k if isinstance(mode, Truncated) else 1)
     cd = state_dtype_for(case.dtype)
     leaves = {n: t.detach().to(cd).requires_grad_(True) for n, t in case.inputs.items() if t is not None}
     scale = case.kwargs.get("scale")
@@ -338,9 +323,12 @@ def _finite(ctx: PropertyContext) -> None:
                         " where I - ∂f/∂y is invertible):\n  " + "\n  ".join(problems))
 
 
-def iqa_properties() -> tuple[Property, ...]:
+def iqa_properties(*, honest_refusal: HonestRefusal | None = None) -> tuple[Property, ...]:
+    """The ``iqa``-specific properties; ``honest_refusal``: the family's policy for a kernel that refuses a
+    case (:data:`~iqa_verify.properties.generic.HonestRefusal`; None: every exception fails)."""
     def p(name: str, title: str, fn, catches: str) -> Property:
-        return Property(id=f"iqa/{name}", title=title, check=tolerating_refusal(fn), catches=catches)
+        check = fn if honest_refusal is None else tolerating(fn, honest_refusal)
+        return Property(id=f"iqa/{name}", title=title, check=check, catches=catches)
 
     return (
         p("fixed-point", "the output is a fixed point of the float64 map", _fixed_point,

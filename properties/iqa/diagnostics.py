@@ -1,5 +1,9 @@
 """Measurements of implicit query attention as plain data, for benchmarks and report plots.
 
+These measure the built-in solvers and backward modes (:mod:`iqa_verify.iqa`, kernel code) beside the
+float64 references; nothing here judges a kernel, and no property imports this module (the family loads
+it on demand for the report's charts).
+
 * :func:`rescaled_to_rate`: inputs whose map has a given local contraction rate at the consensus.
   At the consensus the softmax is uniform whatever the weights, so ``J = ∂f/∂y`` there is exactly
   proportional to ``c^2`` when w_q and w_k are both scaled by c: ``rho(J) = c^2 rho_0``.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from iqa_verify.family import Case, KernelRaised, PropertyContext
-from iqa_verify.iqa.backward import BackwardMode, OneStep, Truncated
+from iqa_verify.iqa_claims import GradientClaim, OneStep, Truncated
 from iqa_verify.properties.iqa.cases import Regime
 from iqa_verify.reference.iqa import (
     REF_TOL,
@@ -98,8 +98,9 @@ def _vjp(y_star, i, scale, u) -> dict[str, torch.Tensor]:
     return {n: (g if g is not None else torch.zeros_like(leaves[n])) for n, g in zip(leaves, grads)}
 
 
-def reference_grads(case: Case, y_star: torch.Tensor, g: torch.Tensor, mode: BackwardMode | None = None) -> dict[str, torch.Tensor]:
-    """float64 gradients of ``<g, y*>`` for ``mode`` (None or exact: implicit; Truncated(k); OneStep)."""
+def reference_grads(case: Case, y_star: torch.Tensor, g: torch.Tensor, mode: GradientClaim | None = None) -> dict[str, torch.Tensor]:
+    """float64 gradients of ``<g, y*>`` for the gradient claim ``mode`` (None or exact: implicit; Truncated(k);
+    OneStep)."""
     i = inputs64(case)
     scale = case.kwargs.get("scale")
     if mode is None or mode.exact:
@@ -120,7 +121,8 @@ def reference_grads(case: Case, y_star: torch.Tensor, g: torch.Tensor, mode: Bac
 
 def convergence_refusal(ctx: PropertyContext, exc: KernelRaised) -> str | None:
     """In the HARD regime a kernel may refuse honestly: an exception whose class name says it did not
-    converge (e.g. :class:`~iqa_verify.iqa.solvers.ConvergenceError`). Returns a note, or None."""
+    converge (e.g. the built-in solvers' ``ConvergenceError``). Returns a note, or None. The ``iqa`` family
+    declares it as its honest-refusal policy (:data:`iqa_verify.properties.generic.HonestRefusal`)."""
     kind = exc.error_type
     if ctx.case.spec.kind is Regime.HARD and "convergence" in kind.lower():
         return f"the kernel raised {kind} (an honest refusal in the hard regime): {exc.message}"

@@ -69,14 +69,14 @@ def _baseline(unknown: Unknown, inputs, kwargs) -> dict[str, torch.Tensor]:
 
 
 def _properties(unknown: Unknown, name: str) -> tuple[Property, ...]:
-    shared = {p.id.split("/")[-1]: p for p in shared_properties(name)}
+    contract, *shared = shared_properties(name, use=_SHARED)
 
     def p(pid: str, title: str, fn, catches: str) -> Property:
         return Property(id=f"{name}/{pid}", title=title, check=fn, catches=catches)
 
     u = unknown.value
     return (
-        shared["contract"],
+        contract,
         p("backward-error", f"A^T(A {u} - b) is at rounding level relative to ‖A‖(‖A‖‖{u}‖+‖o‖+‖c‖), however ill-conditioned",
           checks.check_backward_error,
           "wrong math (decay, scale, initial state, pivot), exact inverse where a pseudo-inverse is needed (inf/NaN)"),
@@ -92,7 +92,7 @@ def _properties(unknown: Unknown, name: str) -> tuple[Property, ...]:
           checks.check_gradients, "detached outputs, wrong or missing gradients"),
         p("finite", "finite where the float64 solution fits the dtype; gradients never NaN (nor inf where smooth)",
           checks.check_finite, "0/0 and 0*inf in singular steps and in discarded branches, overflow"),
-        *(shared[n] for n in _SHARED[1:]),
+        *shared,
     )
 
 

@@ -12,6 +12,8 @@ knowns, o = la_forward(x_true) rounded to ``dtype``) is built with :func:`build_
   minimum-norm answer is the projection of x_true, not x_true).
 
 :func:`solvability_map` returns plain rows (:class:`SolvabilityRow`); :func:`to_markdown` renders them.
+This is a report diagnostic that measures the built-in kernels (it imports them); nothing here judges a
+kernel, and no property imports this module (the family loads it on demand for the report).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from iqa_verify.contracts import state_dtype_for
 from iqa_verify.iqa.backward import BackwardMode, Implicit, OneStep, Truncated
 from iqa_verify.iqa.kernel import IqaStats
 from iqa_verify.iqa.solvers import Anderson, FixedPointIteration, Outcome, Solver
-from iqa_verify.properties.iqa.kernels import IqaKernelInfo
+from iqa_verify.iqa_claims import IqaKernelInfo
 from tests.bug_zoo.planted import PlantedBug
 
 __all__ = ["BUGS"]
