@@ -6,10 +6,12 @@ import torch
 
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
 from iqa_verify.properties.generic import shared_properties
+from iqa_verify.properties.gla_forward.bounds import magnitude_bounds
 from iqa_verify.properties.gla_forward.cases import GLACase, build_gla_inputs, gla_cases, pinned_gla_cases
+from iqa_verify.properties.recurrent_forward import Far, RecurrentForward, metamorphic_properties, varlen_properties
 from iqa_verify.reference.gla_forward import gla_forward_baseline, gla_forward_ref
 
-__all__ = ["FAMILY"]
+__all__ = ["FAMILY", "RECURRENCE"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -32,6 +34,17 @@ def _differentiable(case: Case) -> tuple[str, ...]:
     return ("q", "k", "v", "g") + (("initial_state",) if case.inputs["initial_state"] is not None else ())
 
 
+RECURRENCE = RecurrentForward(
+    time_inputs=("q", "k", "v", "g"),
+    far={"q": Far.SCALED, "k": Far.SCALED, "v": Far.SCALED, "g": Far.LOG_GATE},  # g [B, T, H, D]: every dimension strong
+    build=build_gla_inputs,
+    bounds=magnitude_bounds,
+    reference=gla_forward_ref,
+    baseline=gla_forward_baseline,
+)
+"""What the reference-free and packed-batch properties need to know about ``gla-forward``."""
+
+
 def _named(fn):
     def call(inputs, kwargs):
         o, state = fn(*inputs.values(), **kwargs)
@@ -52,7 +65,8 @@ FAMILY = Family(
     differentiable=_differentiable,
     reference=_named(gla_forward_ref),
     baseline=_named(gla_forward_baseline),
-    properties=shared_properties("gla-forward"),
+    properties=(shared_properties("gla-forward")
+                + metamorphic_properties("gla-forward", RECURRENCE) + varlen_properties("gla-forward", RECURRENCE)),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.gla_forward_recurrent:gla_forward_recurrent",
                       "loop over time, float32 state for bf16/fp16"),
