@@ -28,7 +28,9 @@ BUDGET_S = 2.0
 
 # (kernel, family, dtype) -> properties that fail for that kernel with the pinned versions (README, findings)
 # (fla chunk_simple_gla's float32 la-forward/gradients failure was a false alarm: its dg by the GLA identity is
-# right to eps times the identity's terms; the natural-scale term of issue #14 admits it.)
+# right to eps times the identity's terms; the natural-scale term of issue #14 admits it. So was chunk_gated_delta_rule's
+# float32 delta-forward/gradients failure under underflowing decay: delta-forward declares the natural scale of its
+# dg since issue #13.)
 KNOWN_FINDINGS = {
     ("iqa_verify.adapters.torchdeq:torchdeq_default", "float32"): {"iqa/fixed-point"},
     # forward only: fla raises NotImplementedError in the backward of every case

@@ -7,6 +7,7 @@ import torch
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
 from iqa_verify.properties.delta_forward.bounds import magnitude_bounds
 from iqa_verify.properties.delta_forward.cases import DeltaCase, build_delta_inputs, delta_cases, pinned_delta_cases
+from iqa_verify.properties.delta_forward.natural import dg_natural_scale
 from iqa_verify.properties.generic import shared_properties
 from iqa_verify.properties.recurrent_forward import Far, RecurrentForward, metamorphic_properties, varlen_properties
 from iqa_verify.reference.delta_forward import delta_forward_baseline, delta_forward_ref
@@ -47,6 +48,17 @@ RECURRENCE = RecurrentForward(
 """What the reference-free and packed-batch properties need to know about ``delta-forward`` (g may be None)."""
 
 
+def _natural_scales(case: Case, cots: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The decay gradient's natural scale (SPEC §5) when the case has a decay: the sizes of the terms of
+    dg_t = sum_{s>=t} (q_s.dq_s - v_s.dv_s) + <dS_T, S_T> and of chunked kernels' chunk-local form of it
+    (see :mod:`iqa_verify.properties.delta_forward.natural`)."""
+    x = case.inputs
+    if x["g"] is None:
+        return {}
+    return {"g": dg_natural_scale(x["q"], x["k"], x["v"], x["beta"], x["g"], x["initial_state"], cots["o"],
+                                  cots["final_state"], scale=case.kwargs["scale"])}
+
+
 def _named(fn):
     def call(inputs, kwargs):
         o, state = fn(*inputs.values(), **kwargs)
@@ -67,7 +79,7 @@ FAMILY = Family(
     differentiable=_differentiable,
     reference=_named(delta_forward_ref),
     baseline=_named(delta_forward_baseline),
-    properties=(shared_properties("delta-forward")
+    properties=(shared_properties("delta-forward", grad_natural_scales=_natural_scales)
                 + metamorphic_properties("delta-forward", RECURRENCE) + varlen_properties("delta-forward", RECURRENCE)),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.delta_forward_recurrent:delta_forward_recurrent",

@@ -14,6 +14,7 @@ import torch
 
 from iqa_verify.contracts import state_dtype_for
 from tests.bug_zoo.planted import PlantedBug
+from tests.correct_kernels.delta_forward import identity_dg_kernel
 
 __all__ = ["BUGS"]
 
@@ -204,6 +205,14 @@ def decay_form_from_first_sequence(q, k, v, beta, g=None, initial_state=None, *,
     """Chooses the decay form for the whole batch from sequence 0: a strongly decaying neighbour of a mild
     sequence 0 is run in the factored form and overflows."""
     return _chunk_forms(q, k, v, beta, g, initial_state, scale, "form-from-first-sequence")
+
+
+def dg_identity_in_input_dtype(q, k, v, beta, g=None, initial_state=None, *, scale=1.0):
+    """The decay gradient by the identity dg_t = sum_{s>=t} (q_s.dq_s - v_s.dv_s) + <dS_T, S_T> computed in the input
+    dtype: dq, dv rounded to bf16 and the products and the reverse sum in bf16. Its error is eps_bf16 times the
+    terms: only a natural-scale bound admits the float32 identity (tests/correct_kernels/delta_forward.py) and
+    still catches this."""
+    return identity_dg_kernel(q, k, v, beta, g, initial_state, scale=scale, dg_dtype=q.dtype)
 
 
 def _bug(kernel: str, dtype: str, caught_by: tuple[str, ...], kind: str, says: str = "") -> PlantedBug:

@@ -15,6 +15,7 @@ import torch
 
 from iqa_verify.contracts import state_dtype_for
 from tests.bug_zoo.planted import PlantedBug
+from tests.correct_kernels.gla_forward import identity_dg_kernel
 
 __all__ = ["BUGS"]
 
@@ -222,6 +223,14 @@ def gate_form_from_first_sequence(q, k, v, g, initial_state=None, *, scale=1.0):
     """Chooses the gate form for the whole batch from sequence 0: a strongly gated neighbour of a mild sequence 0
     is run in the factored form and overflows."""
     return _chunk_forms(q, k, v, g, initial_state, scale, "form-from-first-sequence")
+
+
+def dg_identity_in_input_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
+    """flash-linear-attention's gate gradient (the per-dimension GLA identity dg_td = sum_{s>=t} q_sd dq_sd - k_sd dk_sd,
+    reverse-summed) computed in the input dtype: dq, dk rounded to bf16 and the products and the reverse sum in bf16.
+    Its error is eps_bf16 times the terms: only a natural-scale bound admits the float32 identity
+    (tests/correct_kernels/gla_forward.py) and still catches this."""
+    return identity_dg_kernel(q, k, v, g, initial_state, scale=scale, dg_dtype=q.dtype)
 
 
 def _bug(kernel: str, dtype: str, caught_by: tuple[str, ...], kind: str, says: str = "") -> PlantedBug:
