@@ -139,19 +139,20 @@ def check_gla_forward_inputs(
     v: torch.Tensor,
     g: torch.Tensor,
     initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> LASizes:
-    """Validate ``gla_forward(q, k, v, g, initial_state)`` arguments (SPEC §6, per-key-dimension gates).
+    """Validate ``gla_forward(q, k, v, g, initial_state, cu_seqlens=cu_seqlens)`` arguments (SPEC §6,
+    per-key-dimension gates).
 
     q, k: [B, T, H, D]; v: [B, T, H, E]; g: [B, T, H, D] (log gate per key dimension);
-    initial_state: [B, H, D, E] or None. All on one device in one floating dtype; T, D, E >= 1.
+    initial_state: [B, H, D, E] or None. All on one device in one floating dtype; T, D, E >= 1. With
+    ``cu_seqlens`` (a packed batch, see :func:`check_cu_seqlens`) B = 1 and initial_state is [N, H, D, E].
     """
     sizes = _check_qkv(q, k, v)
     B, T, H, D, E = sizes
     check_shape("g", g, (B, T, H, D), "[B, T, H, D]")
     tensors = {"k": k, "v": v, "g": g}
-    if initial_state is not None:
-        check_shape("initial_state", initial_state, (B, H, D, E), "[B, H, D, E]")
-        tensors["initial_state"] = initial_state
+    _check_state(initial_state, sizes, q, cu_seqlens, tensors)
     _check_like(q, tensors)
     return sizes
 
@@ -163,11 +164,14 @@ def check_delta_forward_inputs(
     beta: torch.Tensor,
     g: torch.Tensor | None,
     initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> LASizes:
-    """Validate ``delta_forward(q, k, v, beta, g, initial_state)`` arguments (SPEC §6, the delta rule).
+    """Validate ``delta_forward(q, k, v, beta, g, initial_state, cu_seqlens=cu_seqlens)`` arguments (SPEC §6,
+    the delta rule).
 
     q, k: [B, T, H, D]; v: [B, T, H, E]; beta: [B, T, H]; g: [B, T, H] (log-decay) or None;
-    initial_state: [B, H, D, E] or None. All on one device in one floating dtype; T, D, E >= 1.
+    initial_state: [B, H, D, E] or None. All on one device in one floating dtype; T, D, E >= 1. With
+    ``cu_seqlens`` (a packed batch, see :func:`check_cu_seqlens`) B = 1 and initial_state is [N, H, D, E].
     """
     sizes = _check_qkv(q, k, v)
     B, T, H, D, E = sizes
@@ -176,11 +180,22 @@ def check_delta_forward_inputs(
     if g is not None:
         check_shape("g", g, (B, T, H), "[B, T, H]")
         tensors["g"] = g
-    if initial_state is not None:
-        check_shape("initial_state", initial_state, (B, H, D, E), "[B, H, D, E]")
-        tensors["initial_state"] = initial_state
+    _check_state(initial_state, sizes, q, cu_seqlens, tensors)
     _check_like(q, tensors)
     return sizes
+
+
+def _check_state(initial_state: torch.Tensor | None, sizes: LASizes, q: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                 tensors: dict[str, torch.Tensor]) -> None:
+    """initial_state [B, H, D, E] (or [N, H, D, E] for a packed batch, whose ``cu_seqlens`` is checked too) or
+    None; a given state joins ``tensors`` (checked for dtype and device by the caller)."""
+    B, T, H, D, E = sizes
+    rows, layout = B, "[B, H, D, E]"
+    if cu_seqlens is not None:
+        rows, layout = check_cu_seqlens(cu_seqlens, B, T, q.device), "[N, H, D, E]"
+    if initial_state is not None:
+        check_shape("initial_state", initial_state, (rows, H, D, E), layout)
+        tensors["initial_state"] = initial_state
 
 
 def _check_decay_and_state(g: torch.Tensor, initial_state: torch.Tensor | None, sizes: LASizes, first: torch.Tensor,

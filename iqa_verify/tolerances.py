@@ -141,11 +141,11 @@ def _entries() -> dict[tuple[Kind, torch.dtype], Tolerance]:
         (Kind.RESIDUAL, torch.float32): (0.0, 2e-5, 4.0),
         (Kind.RESIDUAL, torch.float16): (0.0, 2e-3, 4.0),
         (Kind.RESIDUAL, torch.bfloat16): (0.0, 4e-3, 4.0),
-        # Metamorphic comparisons (la-forward/state-handoff, causality, sequence-independence, varlen-*):
-        # two runs of one kernel on inputs that must give the same numbers, computed in different orders
-        # (a chunked kernel's chunk boundaries move when a sequence is split). Rounding in any summation
-        # order is <= n eps sum|terms|, and sum|terms| is bounded by the magnitude bound the property
-        # computes (see iqa_verify.properties.la_forward.metamorphic.magnitude_bounds), so atol = 64 eps of the
+        # Metamorphic comparisons (the recurrent forward families' state-handoff, causality,
+        # sequence-independence, varlen-one-by-one): two runs of one kernel on inputs that must give the same
+        # numbers, computed in different orders (a chunked kernel's chunk boundaries move when a sequence is
+        # split). Rounding in any summation order is <= n eps sum|terms|, and sum|terms| is bounded by the
+        # magnitude bound the family declares (see iqa_verify.properties.recurrent_forward), so atol = 64 eps of the
         # accumulation dtype, x that bound (128 eps for gradients: the decay gradient's reverse sums).
         # bf16/fp16: the results are rounded to the output dtype (two roundings differ by <= 1 ulp: rtol =
         # eps of the dtype), and a state handed from one call to the next is an input, so it is rounded to

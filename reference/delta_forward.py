@@ -2,7 +2,7 @@
 
 Every function here follows the kernel contract of SPEC §6 (delta rule, gated when g is given)::
 
-    f(q, k, v, beta, g=None, initial_state=None, *, scale=1.0) -> (o, final_state)
+    f(q, k, v, beta, g=None, initial_state=None, *, scale=1.0, cu_seqlens=None) -> (o, final_state)
       q, k : [B, T, H, D]    v : [B, T, H, E]    beta : [B, T, H] in [0, 1]
       g    : [B, T, H] log-decay (g <= 0) or None (no decay)
       initial_state : [B, H, D, E] or None (zeros)
@@ -19,6 +19,11 @@ transition's eigenvalues in [0, 1]), so it is finite in every regime the cases d
 are the sympy closed forms of :mod:`iqa_verify.reference.delta_forward_sympy` and, for beta = 1 / g = None / one step,
 hand-derived special cases (``tests/test_reference_delta_forward.py``).
 
+**Packed batches** (SPEC §6, ``cu_seqlens``: int64 [N + 1], B = 1): every function applies itself to each
+sequence ``[cu[i], cu[i+1])`` on its own, from ``initial_state[i]`` ([N, H, D, E]), and stacks the N final
+states; outputs at padding positions (``>= cu[N]``) are 0 and their gradients exactly 0
+(:func:`iqa_verify.reference.packed.per_sequence`).
+
 :func:`delta_forward_baseline` is the same-precision baseline of SPEC §5: the recurrence in the kernel's
 accumulation dtype (float32 for bf16/fp16 inputs).
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from iqa_verify.contracts import check_delta_forward_inputs, state_dtype_for
+from iqa_verify.reference.packed import per_sequence
 
 __all__ = ["delta_forward_baseline", "delta_forward_recurrent_ref", "delta_forward_ref"]
 
@@ -50,6 +56,12 @@ def _recurrence(q, k, v, beta, g, initial_state, scale: float, dtype: torch.dtyp
     return scale * torch.stack(outputs, dim=1), S
 
 
+def _packed(fn, q, k, v, beta, g, initial_state, scale: float, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` once per sequence of a packed batch, after checking the packed arguments."""
+    check_delta_forward_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
+    return per_sequence(fn, {"q": q, "k": k, "v": v, "beta": beta, "g": g}, initial_state, cu_seqlens, scale=scale)
+
+
 def delta_forward_recurrent_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -59,6 +71,7 @@ def delta_forward_recurrent_ref(
     initial_state: torch.Tensor | None = None,
     *,
     scale: float = 1.0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 reference by the recurrence, one step at a time, on the inputs' device.
 
@@ -67,6 +80,7 @@ def delta_forward_recurrent_ref(
         any one floating dtype.
         initial_state: [B, H, D, E] or None (zeros).
         scale: multiplies every output.
+        cu_seqlens: int64 [N + 1] for a packed batch (B = 1, initial_state [N, H, D, E]), or None.
 
     Math (per batch and head)::
 
@@ -77,6 +91,8 @@ def delta_forward_recurrent_ref(
     Returns:
         ``(o, S_T)``: o [B, T, H, E] and S_T [B, H, D, E], both float64. Differentiable in every input.
     """
+    if cu_seqlens is not None:
+        return _packed(delta_forward_recurrent_ref, q, k, v, beta, g, initial_state, scale, cu_seqlens)
     return _recurrence(q, k, v, beta, g, initial_state, scale, torch.float64)
 
 
@@ -93,6 +109,7 @@ def delta_forward_baseline(
     initial_state: torch.Tensor | None = None,
     *,
     scale: float = 1.0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same-precision baseline (SPEC §5): the recurrence in the kernel's accumulation dtype.
 
@@ -102,5 +119,7 @@ def delta_forward_baseline(
     Returns:
         ``(o, S_T)``: o [B, T, H, E] in ``x``; S_T [B, H, D, E] in ``acc``.
     """
+    if cu_seqlens is not None:
+        return _packed(delta_forward_baseline, q, k, v, beta, g, initial_state, scale, cu_seqlens)
     o, state = _recurrence(q, k, v, beta, g, initial_state, scale, state_dtype_for(q.dtype))
     return o.to(q.dtype), state

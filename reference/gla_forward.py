@@ -2,7 +2,7 @@
 
 Every function here follows the kernel contract of SPEC §6 (per-key-dimension gates) exactly::
 
-    f(q, k, v, g, initial_state=None, *, scale=1.0) -> (o, final_state)
+    f(q, k, v, g, initial_state=None, *, scale=1.0, cu_seqlens=None) -> (o, final_state)
       q, k : [B, T, H, D]     v : [B, T, H, E]     g : [B, T, H, D] (log gate per key dimension, g <= 0)
       initial_state : [B, H, D, E] or None (zeros)
 
@@ -27,6 +27,11 @@ Two independent float64 references compute this:
 
   with O(T^2 D) memory: for tests at moderate T, as an independent check of the recurrence.
 
+**Packed batches** (SPEC §6, ``cu_seqlens``: int64 [N + 1], B = 1): every function applies itself to each
+sequence ``[cu[i], cu[i+1])`` on its own, from ``initial_state[i]`` ([N, H, D, E]), and stacks the N final
+states; outputs at padding positions (``>= cu[N]``) are 0 and their gradients exactly 0
+(:func:`iqa_verify.reference.packed.per_sequence`).
+
 :func:`gla_forward_baseline` is the same-precision baseline of SPEC §5: the recurrence computed in the
 accumulation dtype (float32 for bf16/fp16 inputs), what a straightforward kernel in that precision gets.
 """
@@ -36,6 +41,7 @@ from __future__ import annotations
 import torch
 
 from iqa_verify.contracts import check_gla_forward_inputs, state_dtype_for
+from iqa_verify.reference.packed import per_sequence
 
 __all__ = ["gla_forward_baseline", "gla_forward_matrix_ref", "gla_forward_recurrent_ref", "gla_forward_ref"]
 
@@ -53,6 +59,12 @@ def _recurrence(q, k, v, g, initial_state, scale: float, dtype: torch.dtype) -> 
     return scale * torch.stack(outputs, dim=1), S
 
 
+def _packed(fn, q, k, v, g, initial_state, scale: float, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` once per sequence of a packed batch, after checking the packed arguments."""
+    check_gla_forward_inputs(q, k, v, g, initial_state, cu_seqlens)
+    return per_sequence(fn, {"q": q, "k": k, "v": v, "g": g}, initial_state, cu_seqlens, scale=scale)
+
+
 def gla_forward_recurrent_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -61,6 +73,7 @@ def gla_forward_recurrent_ref(
     initial_state: torch.Tensor | None = None,
     *,
     scale: float = 1.0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 reference by the recurrence, one step at a time, on the inputs' device.
 
@@ -68,6 +81,7 @@ def gla_forward_recurrent_ref(
         q, k: [B, T, H, D]; v: [B, T, H, E]; g: [B, T, H, D] log gates (g <= 0); any one floating dtype.
         initial_state: [B, H, D, E] or None (zeros).
         scale: multiplies every output.
+        cu_seqlens: int64 [N + 1] for a packed batch (B = 1, initial_state [N, H, D, E]), or None.
 
     Math (per batch and head)::
 
@@ -76,6 +90,8 @@ def gla_forward_recurrent_ref(
     Returns:
         ``(o, S_T)``: o [B, T, H, E] and S_T [B, H, D, E], both float64. Differentiable in every input.
     """
+    if cu_seqlens is not None:
+        return _packed(gla_forward_recurrent_ref, q, k, v, g, initial_state, scale, cu_seqlens)
     return _recurrence(q, k, v, g, initial_state, scale, torch.float64)
 
 
@@ -87,6 +103,7 @@ def gla_forward_matrix_ref(
     initial_state: torch.Tensor | None = None,
     *,
     scale: float = 1.0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 reference by the closed (matrix) form with per-dimension masked segment sums.
 
@@ -94,6 +111,7 @@ def gla_forward_matrix_ref(
         q, k: [B, T, H, D]; v: [B, T, H, E]; g: [B, T, H, D] log gates (g <= 0); any one floating dtype.
         initial_state: [B, H, D, E] or None (zeros).
         scale: multiplies every output.
+        cu_seqlens: int64 [N + 1] for a packed batch (B = 1, initial_state [N, H, D, E]), or None.
 
     Math (per batch and head)::
 
@@ -107,6 +125,8 @@ def gla_forward_matrix_ref(
     Returns:
         ``(o, S_T)``: o [B, T, H, E] and S_T [B, H, D, E], both float64. Differentiable in every input.
     """
+    if cu_seqlens is not None:
+        return _packed(gla_forward_matrix_ref, q, k, v, g, initial_state, scale, cu_seqlens)
     check_gla_forward_inputs(q, k, v, g, initial_state)
     f64 = torch.float64
     Q, K, V = (x.to(f64).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D|E]
@@ -141,6 +161,7 @@ def gla_forward_baseline(
     initial_state: torch.Tensor | None = None,
     *,
     scale: float = 1.0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same-precision baseline (SPEC §5): the recurrence in the kernel's accumulation dtype.
 
@@ -148,6 +169,7 @@ def gla_forward_baseline(
         q, k: [B, T, H, D]; v: [B, T, H, E]; g: [B, T, H, D]; initial_state: [B, H, D, E] or None;
         all in one dtype ``x``.
         scale: multiplies every output.
+        cu_seqlens: int64 [N + 1] for a packed batch (B = 1, initial_state [N, H, D, E]), or None.
 
     Inputs are cast to ``acc = state_dtype_for(x)`` (float32 for bf16/fp16), the recurrence runs in
     ``acc``, o is cast back to ``x``. Gradients flow back through the casts (they arrive in ``x``).
@@ -155,5 +177,7 @@ def gla_forward_baseline(
     Returns:
         ``(o, S_T)``: o [B, T, H, E] in ``x``; S_T [B, H, D, E] in ``acc``.
     """
+    if cu_seqlens is not None:
+        return _packed(gla_forward_baseline, q, k, v, g, initial_state, scale, cu_seqlens)
     o, state = _recurrence(q, k, v, g, initial_state, scale, state_dtype_for(q.dtype))
     return o.to(q.dtype), state

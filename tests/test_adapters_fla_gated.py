@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import iqa_verify.adapters as provider
+from iqa_verify.errors import IqaVerifyError
 from iqa_verify.adapters import fla_gated
 
 
@@ -68,3 +69,18 @@ def test_provider_lists_the_four_kernels_under_their_families() -> None:
     assert listed == {("gla-forward", "chunk_gla"), ("gla-forward", "fused_recurrent_gla"),
                       ("delta-forward", "chunk_gated_delta_rule"), ("delta-forward", "fused_recurrent_gated_delta_rule")}
     assert all(o.third_party for o in provider.optional_kernels() if "fla_gated" in o.kernel.impl)
+
+
+@pytest.mark.parametrize("name", ["chunk_gla", "fused_recurrent_gla", "chunk_gated_delta_rule",
+                                  "fused_recurrent_gated_delta_rule"])
+def test_adapters_pass_cu_seqlens_through(fla: _Recorder, name: str, gen: torch.Generator) -> None:
+    q, k = (torch.randn(1, 9, 2, 3, generator=gen) for _ in range(2))
+    v, s0 = torch.randn(1, 9, 2, 2, generator=gen), torch.randn(3, 2, 3, 2, generator=gen)
+    cu = torch.tensor([0, 2, 7, 8])
+    gate = -torch.rand(1, 9, 2, 3, generator=gen) if "gla" in name else -torch.rand(1, 9, 2, generator=gen)
+    args = (q, k, v, gate) if "gla" in name else (q, k, v, torch.rand(1, 9, 2, generator=gen), gate)
+    getattr(fla_gated, name)(*args, s0, cu_seqlens=cu)
+    (_, _, kw), = fla.calls
+    assert kw["cu_seqlens"] is cu and kw["initial_state"] is s0
+    with pytest.raises(IqaVerifyError, match=r"initial_state.shape=.*\[N, H, D, E\]"):
+        getattr(fla_gated, name)(*args, s0[:2], cu_seqlens=cu)

@@ -62,6 +62,36 @@ def test_natural_scale_still_catches_the_identity_summed_in_bf16() -> None:
                 FWD_CASE.replace('"T":1', '"T":2').replace('true', 'false'), torch.bfloat16)
 
 
+# One key dimension whose gate underflows (seed 4: g = -36, -50): dg is ~1e-16 or exactly 0.
+GLA_CASE = '{"B":1,"T":2,"H":1,"D":1,"E":1,"gate":"underflow-some","initial_state":true,"seed":4}'
+# The README's fla chunk_gated_delta_rule finding: small keys, mixed beta, underflowing decay (dg <= 1.5e-10).
+DELTA_CASE = ('{"B":1,"T":40,"H":1,"D":5,"E":3,"keys":"small","beta":"mixed","decay":"underflow","initial_state":true,'
+              '"seed":4}')
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(("family_name", "impl", "case"), [
+    ("gla-forward", "tests/correct_kernels/gla_forward.py:gla_forward_identity_dg", GLA_CASE),
+    ("delta-forward", "tests/correct_kernels/delta_forward.py:delta_forward_identity_dg", DELTA_CASE),
+], ids=["gla", "delta"])
+def test_natural_scale_admits_the_identities_for_dg(family_name: str, impl: str, case: str, dtype) -> None:
+    """gla: dg_td = reverse sum of q_sd dq_sd - k_sd dk_sd per key dimension (fla chunk_gla's); delta: the reverse sum
+    of q.dq - v.dv (the decay moved onto the values). Both float32-accumulated, right to eps times their terms,
+    which exceeds the exact dg by up to 1e13 here."""
+    ctx = run_one(family_name, impl, "gradients", case, dtype)
+    dg = next(c for c in ctx.checks if c.path == "grad/dg")
+    assert dg.passed and dg.natural_tolerance is not None and "natural scale" in dg.describe()
+
+
+@pytest.mark.parametrize(("family_name", "impl", "case"), [
+    ("gla-forward", "tests/bug_zoo/gla_forward.py:dg_identity_in_input_dtype", GLA_CASE),
+    ("delta-forward", "tests/bug_zoo/delta_forward.py:dg_identity_in_input_dtype", DELTA_CASE),
+], ids=["gla", "delta"])
+def test_natural_scale_still_catches_the_identities_summed_in_bf16(family_name: str, impl: str, case: str) -> None:
+    with pytest.raises(Violation, match="grad/dg"):
+        run_one(family_name, impl, "gradients", case, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_natural_scale_admits_a_dense_triangular_solve_for_type1_dg(dtype) -> None:
     """A float64 dense triangular solve differentiated by autograd: exp(G_t - G_s) terms cancel at eps64 and

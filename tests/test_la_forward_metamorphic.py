@@ -24,8 +24,9 @@ from iqa_verify.registry import family
 from iqa_verify.runner import RunConfig, check
 from iqa_verify.properties.generic import CotangentLayout, cast_keeping_layout, cotangents_for
 from iqa_verify.properties.la_forward.cases import Decay, LACase, build_la_inputs
-from iqa_verify.properties.la_forward.metamorphic import magnitude_bounds
-from iqa_verify.properties.la_forward.varlen import packed_case, packing
+from iqa_verify.properties.la_forward import RECURRENCE
+from iqa_verify.properties.la_forward.bounds import magnitude_bounds
+from iqa_verify.properties.recurrent_forward.packing import packed_case, packing
 from iqa_verify.reference.la_forward import la_forward_recurrent_ref, la_forward_ref
 
 CPU = torch.device("cpu")
@@ -86,7 +87,7 @@ def test_packings_cover_the_promised_lengths() -> None:
 
 def test_packed_case_shapes_and_padding() -> None:
     spec = LACase(B=3, T=50, H=2, D=4, E=3, initial_state=True, seed=5)
-    p = packed_case(spec, 50, torch.float32, CPU)
+    p = packed_case(RECURRENCE, spec, 50, torch.float32, CPU)
     N = len(p.lengths)
     assert p.inputs["q"].shape == (1, 50 + p.pad, 2, 4) and p.inputs["initial_state"].shape == (N, 2, 4, 3)
     assert p.cu_seqlens.dtype == torch.int64 and p.cu_seqlens.tolist()[-1] == 50 and p.pad > 0
@@ -113,7 +114,7 @@ def test_cu_seqlens_must_be_int64_and_batch_one() -> None:
 
 def test_packed_reference_is_the_per_sequence_reference_with_zero_padding_gradients() -> None:
     spec = LACase(B=1, T=30, H=2, D=3, E=2, initial_state=True, seed=4)
-    p = packed_case(spec, 30, F64, CPU)
+    p = packed_case(RECURRENCE, spec, 30, F64, CPU)
     leaves = {n: t.clone().requires_grad_() for n, t in p.inputs.items()}
     o, S = la_forward_ref(*leaves.values(), scale=0.5, cu_seqlens=p.cu_seqlens)
     o2, S2 = la_forward_recurrent_ref(*p.inputs.values(), scale=0.5, cu_seqlens=p.cu_seqlens)

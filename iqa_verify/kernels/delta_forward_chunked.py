@@ -187,6 +187,7 @@ def delta_forward_chunked(
     *,
     scale: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (gated) delta rule computed chunk by chunk through the WY / UT representation.
 
@@ -198,9 +199,14 @@ def delta_forward_chunked(
         initial_state: [B, H, D, E] or None (zeros).
         scale: multiplies every output.
         chunk_size: steps per chunk C, an integer >= 1 (used as min(chunk_size, T)).
+        cu_seqlens: int64 [N + 1] or None: a packed batch (B = 1, initial_state [N, H, D, E]) of N sequences
+            ``[cu[i], cu[i+1])`` (SPEC §6). Each sequence is computed by its own chunked call (chunks start at
+            the sequence's start, the hand-written backward runs per sequence); padding outputs are 0 and get
+            no gradient.
 
     Returns:
-        o: [B, T, H, E] in the input dtype; final_state: [B, H, D, E], float32 for bf16/fp16 inputs.
+        o: [B, T, H, E] in the input dtype; final_state: [B, H, D, E] ([N, H, D, E] packed), float32 for
+        bf16/fp16 inputs.
 
     Computes ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = scale * S_t^T q_t``.
     Per chunk (local steps t, j; b_t = sum_{s <= t} g_s; S the entering state), unrolling the recurrence gives
@@ -209,8 +215,26 @@ def delta_forward_chunked(
     (j < t): the UT transform (``_DeltaChunks`` has the matrices and the backward). Every exponential has a
     non-positive argument. A ragged last chunk is padded with zeros (beta = 0, g = 0: the state is unchanged).
     Arithmetic in ``state_dtype_for(q.dtype)``; differentiable once in q, k, v, beta, g, initial_state; inputs
-    are never modified. ``cu_seqlens`` could be added by cutting chunks at sequence starts.
+    are never modified.
     """
-    check_delta_forward_inputs(q, k, v, beta, g, initial_state)
+    check_delta_forward_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
     _check_chunk_size(chunk_size)
+    if cu_seqlens is not None:
+        return _packed(q, k, v, beta, g, initial_state, scale, chunk_size, [int(c) for c in cu_seqlens.tolist()])
     return _DeltaChunks.apply(q, k, v, beta, g, initial_state, scale, min(chunk_size, q.shape[1]))
+
+
+def _packed(q, k, v, beta, g, initial_state, scale: float, chunk_size: int, cu: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunked call per sequence of a packed batch; o [1, T, H, E] (0 at padding), final states [N, H, D, E]."""
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        s0 = initial_state[i : i + 1] if initial_state is not None else None
+        part = None if g is None else g[:, a:b]
+        o, state = delta_forward_chunked(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b], part, s0, scale=scale,
+                                         chunk_size=chunk_size)
+        outs.append(o)
+        finals.append(state)
+    T = q.shape[1]
+    if cu[-1] < T:
+        outs.append(q.new_zeros(1, T - cu[-1], q.shape[2], v.shape[-1]))
+    return torch.cat(outs, dim=1), torch.cat(finals, dim=0)

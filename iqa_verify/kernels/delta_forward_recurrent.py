@@ -21,6 +21,7 @@ def delta_forward_recurrent(
     initial_state: torch.Tensor | None = None,
     *,
     scale: float = 1.0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (gated) delta rule, computed one time step at a time.
 
@@ -29,11 +30,14 @@ def delta_forward_recurrent(
         v: [B, T, H, E] values.
         beta: [B, T, H] write strengths in [0, 1].
         g: [B, T, H] log-decay (g <= 0) or None (no decay).
-        initial_state: [B, H, D, E] or None (zeros).
+        initial_state: [B, H, D, E] or None (zeros); [N, H, D, E] with ``cu_seqlens``.
         scale: multiplies every output.
+        cu_seqlens: int64 [N + 1] or None: a packed batch (B = 1) of N sequences ``[cu[i], cu[i+1])``
+            (SPEC §6); positions from ``cu[N]`` on are padding (outputs 0, no gradient).
 
     Returns:
-        o: [B, T, H, E] in the input dtype; final_state: [B, H, D, E], float32 for bf16/fp16 inputs.
+        o: [B, T, H, E] in the input dtype; final_state: [B, H, D, E] ([N, H, D, E] packed), float32 for
+        bf16/fp16 inputs.
 
     The recurrence, for every batch b and head h (``S`` is [D, E])::
 
@@ -41,20 +45,40 @@ def delta_forward_recurrent(
         S_t = S' + beta_t k_t (v_t - S'^T k_t)^T        = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
         o_t = scale * S_t^T q_t,   final_state = S_T
 
+    Packed, the same loop runs over each sequence in turn: at ``cu[i]`` the state restarts from
+    ``initial_state[i]`` (or zeros), and the state after position ``cu[i+1] - 1`` is sequence i's final state.
+
     Arithmetic in ``state_dtype_for(q.dtype)``; differentiable through plain autograd; inputs never modified.
     """
-    B, T, H, D, E = check_delta_forward_inputs(q, k, v, beta, g, initial_state)
+    B, T, H, D, E = check_delta_forward_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
     acc = state_dtype_for(q.dtype)
     q_, k_, v_, beta_ = q.to(acc), k.to(acc), v.to(acc), beta.to(acc)
     decay = None if g is None else torch.exp(g.to(acc))  # [B, T, H]
-    state = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+    if cu_seqlens is None:
+        state = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+        o, state = _steps(q_, k_, v_, beta_, decay, state, 0, T)
+        return (o * scale).to(q.dtype), state
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        state = q_.new_zeros(1, H, D, E) if initial_state is None else initial_state[i : i + 1].to(acc)
+        o, state = _steps(q_, k_, v_, beta_, decay, state, a, b)
+        outs.append(o)
+        finals.append(state)
+    if cu[-1] < T:
+        outs.append(q_.new_zeros(1, T - cu[-1], H, E))  # padding: outputs 0, nothing flows back to its inputs
+    return (torch.cat(outs, dim=1) * scale).to(q.dtype), torch.cat(finals, dim=0)
+
+
+def _steps(q_, k_, v_, beta_, decay, state, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps ``start .. stop - 1`` from ``state`` [B, H, D, E] (accumulation dtype); returns the unscaled
+    outputs [B, stop - start, H, E] and the state after the last step."""
     outputs = []
-    for t in range(T):
+    for t in range(start, stop):
         if decay is not None:
             state = decay[:, t, :, None, None] * state
         k_t = k_[:, t]  # [B, H, D]
         error = v_[:, t] - (k_t[:, :, None, :] @ state).squeeze(-2)  # v_t - S'^T k_t: [B, H, E]
         state = state + (beta_[:, t, :, None] * k_t)[..., None] * error[:, :, None, :]
         outputs.append((q_[:, t, :, None, :] @ state).squeeze(-2))
-    o = torch.stack(outputs, dim=1) * scale
-    return o.to(q.dtype), state
+    return torch.stack(outputs, dim=1), state

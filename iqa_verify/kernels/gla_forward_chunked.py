@@ -176,6 +176,7 @@ def gla_forward_chunked(
     *,
     scale: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated linear attention computed chunk by chunk with batched matmuls, hand-written backward.
 
@@ -187,6 +188,10 @@ def gla_forward_chunked(
         scale: multiplies every output.
         chunk_size: steps per chunk C, an integer >= 1 (used as min(chunk_size, T), halved down to
             ``MASKED_CHUNK_SIZE`` while gates are too strong for the FACTORED form, see :func:`chunk_plan`).
+        cu_seqlens: int64 [N + 1] or None: a packed batch (B = 1, initial_state [N, H, D, E]) of N sequences
+            ``[cu[i], cu[i+1])`` (SPEC §6). Each sequence is computed by its own chunked call (chunks start at
+            the sequence's start, its form and chunk size are chosen from its own gates, the hand-written
+            backward runs per sequence); padding outputs are 0 and get no gradient.
 
     Returns:
         o: [B, T, H, E] in the input dtype; final_state: [B, H, D, E], float32 for bf16/fp16
@@ -203,9 +208,24 @@ def gla_forward_chunked(
     ``exp(-c)`` (at most ``exp(factored_span_limit)``, see :func:`gate_form`). A ragged last chunk is padded
     with q = k = v = 0 and g = 0 (a padded step leaves the state unchanged). Arithmetic in
     ``state_dtype_for(q.dtype)``; differentiable once in q, k, v, g, initial_state; inputs never modified.
-    A ``cu_seqlens`` keyword could reuse this per-chunk form unchanged with chunks cut at sequence starts.
     """
-    check_gla_forward_inputs(q, k, v, g, initial_state)
+    check_gla_forward_inputs(q, k, v, g, initial_state, cu_seqlens)
     _check_chunk_size(chunk_size)
+    if cu_seqlens is not None:
+        return _packed(q, k, v, g, initial_state, scale, chunk_size, [int(c) for c in cu_seqlens.tolist()])
     form, chunk = chunk_plan(g, min(chunk_size, q.shape[1]))
     return _GLAChunks.apply(q, k, v, g, initial_state, scale, chunk, form)
+
+
+def _packed(q, k, v, g, initial_state, scale: float, chunk_size: int, cu: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunked call per sequence of a packed batch; o [1, T, H, E] (0 at padding), final states [N, H, D, E]."""
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        s0 = initial_state[i : i + 1] if initial_state is not None else None
+        o, state = gla_forward_chunked(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], s0, scale=scale, chunk_size=chunk_size)
+        outs.append(o)
+        finals.append(state)
+    T = q.shape[1]
+    if cu[-1] < T:
+        outs.append(q.new_zeros(1, T - cu[-1], q.shape[2], v.shape[-1]))
+    return torch.cat(outs, dim=1), torch.cat(finals, dim=0)

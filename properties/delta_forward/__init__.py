@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
+from iqa_verify.properties.delta_forward.bounds import magnitude_bounds
 from iqa_verify.properties.delta_forward.cases import DeltaCase, build_delta_inputs, delta_cases, pinned_delta_cases
+from iqa_verify.properties.delta_forward.natural import dg_natural_scale
 from iqa_verify.properties.generic import shared_properties
+from iqa_verify.properties.recurrent_forward import Far, RecurrentForward, metamorphic_properties, varlen_properties
 from iqa_verify.reference.delta_forward import delta_forward_baseline, delta_forward_ref
 
-__all__ = ["FAMILY"]
+__all__ = ["FAMILY", "RECURRENCE"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -32,6 +35,30 @@ def _differentiable(case: Case) -> tuple[str, ...]:
     return ("q", "k", "v", "beta") + tuple(n for n in ("g", "initial_state") if case.inputs[n] is not None)
 
 
+RECURRENCE = RecurrentForward(
+    time_inputs=("q", "k", "v", "beta", "g"),
+    # far keys stay unit vectors and far betas in [0, 1]: the regime of the contract (SPEC §6), where the transition
+    # I - beta k k^T is non-expansive; 10x keys would make it expand (1 - 100 beta) and overflow a correct kernel
+    far={"q": Far.SCALED, "k": Far.UNIT_ROWS, "v": Far.SCALED, "beta": Far.UNIT_INTERVAL, "g": Far.LOG_GATE},
+    build=build_delta_inputs,
+    bounds=magnitude_bounds,
+    reference=delta_forward_ref,
+    baseline=delta_forward_baseline,
+)
+"""What the reference-free and packed-batch properties need to know about ``delta-forward`` (g may be None)."""
+
+
+def _natural_scales(case: Case, cots: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The decay gradient's natural scale (SPEC §5) when the case has a decay: the sizes of the terms of
+    dg_t = sum_{s>=t} (q_s.dq_s - v_s.dv_s) + <dS_T, S_T> and of chunked kernels' chunk-local form of it
+    (see :mod:`iqa_verify.properties.delta_forward.natural`)."""
+    x = case.inputs
+    if x["g"] is None:
+        return {}
+    return {"g": dg_natural_scale(x["q"], x["k"], x["v"], x["beta"], x["g"], x["initial_state"], cots["o"],
+                                  cots["final_state"], scale=case.kwargs["scale"])}
+
+
 def _named(fn):
     def call(inputs, kwargs):
         o, state = fn(*inputs.values(), **kwargs)
@@ -52,7 +79,8 @@ FAMILY = Family(
     differentiable=_differentiable,
     reference=_named(delta_forward_ref),
     baseline=_named(delta_forward_baseline),
-    properties=shared_properties("delta-forward"),
+    properties=(shared_properties("delta-forward", grad_natural_scales=_natural_scales)
+                + metamorphic_properties("delta-forward", RECURRENCE) + varlen_properties("delta-forward", RECURRENCE)),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.delta_forward_recurrent:delta_forward_recurrent",
                       "loop over time, float32 state for bf16/fp16"),

@@ -6,10 +6,13 @@ import torch
 
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
 from iqa_verify.properties.generic import shared_properties
+from iqa_verify.properties.gla_forward.bounds import magnitude_bounds
 from iqa_verify.properties.gla_forward.cases import GLACase, build_gla_inputs, gla_cases, pinned_gla_cases
+from iqa_verify.properties.gla_forward.natural import dg_natural_scale
+from iqa_verify.properties.recurrent_forward import Far, RecurrentForward, metamorphic_properties, varlen_properties
 from iqa_verify.reference.gla_forward import gla_forward_baseline, gla_forward_ref
 
-__all__ = ["FAMILY"]
+__all__ = ["FAMILY", "RECURRENCE"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -32,6 +35,26 @@ def _differentiable(case: Case) -> tuple[str, ...]:
     return ("q", "k", "v", "g") + (("initial_state",) if case.inputs["initial_state"] is not None else ())
 
 
+RECURRENCE = RecurrentForward(
+    time_inputs=("q", "k", "v", "g"),
+    far={"q": Far.SCALED, "k": Far.SCALED, "v": Far.SCALED, "g": Far.LOG_GATE},  # g [B, T, H, D]: every dimension strong
+    build=build_gla_inputs,
+    bounds=magnitude_bounds,
+    reference=gla_forward_ref,
+    baseline=gla_forward_baseline,
+)
+"""What the reference-free and packed-batch properties need to know about ``gla-forward``."""
+
+
+def _natural_scales(case: Case, cots: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gate gradient's natural scale (SPEC §5), per key dimension: the identity
+    dg_td = sum_{s>=t} (q_sd dq_sd - k_sd dk_sd) + <dS_T[d], S_T[d]> that the GLA paper and chunked kernels use
+    (see :mod:`iqa_verify.properties.gla_forward.natural`)."""
+    x = case.inputs
+    return {"g": dg_natural_scale(x["q"], x["k"], x["v"], x["g"], x["initial_state"], cots["o"], cots["final_state"],
+                                  scale=case.kwargs["scale"])}
+
+
 def _named(fn):
     def call(inputs, kwargs):
         o, state = fn(*inputs.values(), **kwargs)
@@ -52,7 +75,8 @@ FAMILY = Family(
     differentiable=_differentiable,
     reference=_named(gla_forward_ref),
     baseline=_named(gla_forward_baseline),
-    properties=shared_properties("gla-forward"),
+    properties=(shared_properties("gla-forward", grad_natural_scales=_natural_scales)
+                + metamorphic_properties("gla-forward", RECURRENCE) + varlen_properties("gla-forward", RECURRENCE)),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.gla_forward_recurrent:gla_forward_recurrent",
                       "loop over time, float32 state for bf16/fp16"),

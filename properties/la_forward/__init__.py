@@ -6,13 +6,13 @@ import torch
 
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
 from iqa_verify.properties.generic import shared_properties
+from iqa_verify.properties.la_forward.bounds import magnitude_bounds
 from iqa_verify.properties.la_forward.cases import LACase, build_la_inputs, la_cases, pinned_la_cases
 from iqa_verify.properties.la_forward.natural import dg_natural_scale
-from iqa_verify.properties.la_forward.metamorphic import metamorphic_properties
-from iqa_verify.properties.la_forward.varlen import varlen_properties
+from iqa_verify.properties.recurrent_forward import Far, RecurrentForward, metamorphic_properties, varlen_properties
 from iqa_verify.reference.la_forward import la_forward_baseline, la_forward_ref
 
-__all__ = ["FAMILY"]
+__all__ = ["FAMILY", "RECURRENCE"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -42,6 +42,17 @@ def _natural_scales(case: Case, cots: dict[str, torch.Tensor]) -> dict[str, torc
                                   scale=case.kwargs["scale"])}
 
 
+RECURRENCE = RecurrentForward(
+    time_inputs=("q", "k", "v", "g"),
+    far={"q": Far.SCALED, "k": Far.SCALED, "v": Far.SCALED, "g": Far.LOG_GATE},
+    build=build_la_inputs,
+    bounds=magnitude_bounds,
+    reference=la_forward_ref,
+    baseline=la_forward_baseline,
+)
+"""What the reference-free and packed-batch properties need to know about ``la-forward``."""
+
+
 def _named(fn):
     def call(inputs, kwargs):
         o, state = fn(*inputs.values(), **kwargs)
@@ -63,7 +74,7 @@ FAMILY = Family(
     reference=_named(la_forward_ref),
     baseline=_named(la_forward_baseline),
     properties=(shared_properties("la-forward", grad_natural_scales=_natural_scales)
-                + metamorphic_properties("la-forward") + varlen_properties("la-forward")),
+                + metamorphic_properties("la-forward", RECURRENCE) + varlen_properties("la-forward", RECURRENCE)),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.la_forward_recurrent:la_forward_recurrent",
                       "loop over time, float32 state for bf16/fp16"),

@@ -14,6 +14,7 @@ import torch
 
 from iqa_verify.contracts import state_dtype_for
 from tests.bug_zoo.planted import PlantedBug
+from tests.correct_kernels.delta_forward import identity_dg_kernel
 
 __all__ = ["BUGS"]
 
@@ -68,7 +69,12 @@ def _chunked(q, k, v, beta, g, initial_state, scale, bug: str = "", chunk: int =
     for n in range(math.ceil(T / chunk)):
         sl = slice(n * chunk, min((n + 1) * chunk, T))
         Qc, Kc, Vc, Bc = qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], bh[:, :, sl]
-        b = gh[:, :, sl].cumsum(-1)
+        gc = gh[:, :, sl]
+        if bug == "ragged-chunk-padded-with-last-decay" and gc.shape[-1] < chunk:  # F.pad(mode="replicate") on g
+            extra = chunk - gc.shape[-1]
+            gc = torch.cat([gc, gc[..., -1:].expand(B, H, extra)], dim=-1)
+            Qc, Kc, Vc, Bc = (torch.cat([x, x.new_zeros(B, H, extra, *x.shape[3:])], dim=2) for x in (Qc, Kc, Vc, Bc))
+        b = gc.cumsum(-1)
         C = b.shape[-1]
         lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
         decay = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~lower, float("-inf")))
@@ -79,9 +85,56 @@ def _chunked(q, k, v, beta, g, initial_state, scale, bug: str = "", chunk: int =
             carried = torch.zeros_like(carried)  # the new chunk's pseudo-values ignore what the state already holds
         rhs = Bc[..., None] * (Vc - carried)
         U = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
-        o[:, :, sl] = torch.exp(b)[..., None] * (Qc @ S) + ((Qc @ Kc.transpose(-1, -2)) * decay) @ U
+        oc = torch.exp(b)[..., None] * (Qc @ S) + ((Qc @ Kc.transpose(-1, -2)) * decay) @ U
+        o[:, :, sl] = oc[:, :, : sl.stop - sl.start]
         to_end = torch.exp(b[..., -1:] - b)
         S = torch.exp(b[..., -1])[..., None, None] * S + (Kc * to_end[..., None]).transpose(-1, -2) @ U
+    return (scale * o).transpose(1, 2).to(q.dtype), S
+
+
+_FACTORED_SPAN = 20.0  # nats: the factored form's exp(b_t - b_C) stays far from float32 overflow (88) below it
+
+
+def _chunk_forms(q, k, v, beta, g, initial_state, scale, bug: str = "", chunk: int = 64):
+    """WY / UT chunked kernel with the two decay forms of real kernels, ``bug`` planted: per chunk, with b the
+    within-chunk cumulative log-decay, the decay matrix D_tj = exp(b_t - b_j) (t >= j) is FACTORED as
+    ``exp(b_t - b_C) exp(b_C - b_j)`` when the chunk's total ``-b_C`` is at most ``_FACTORED_SPAN`` (else
+    exp(b_t - b_C) overflows), MASKED (the exponent set to -inf above the diagonal before the exp) otherwise."""
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    acc = state_dtype_for(q.dtype)
+    qh, kh, vh, bh = (x.transpose(1, 2).to(acc) for x in (q, k, v, beta))
+    gh = torch.zeros_like(bh) if g is None else g.transpose(1, 2).to(acc)
+    S = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+    o = torch.zeros(B, H, T, E, dtype=acc, device=q.device)
+    n_chunks = math.ceil(T / chunk)
+    if bug == "form-from-first-sequence":  # one decision for the batch, from sequence 0's chunks
+        first = torch.nn.functional.pad(gh[0], (0, n_chunks * chunk - T)).unflatten(-1, (n_chunks, chunk)).sum(-1)
+        all_factored = bool((-first <= _FACTORED_SPAN).all())
+    for n in range(n_chunks):
+        start = n * chunk
+        C = min(chunk, T - start)
+        sl = slice(start, start + C)
+        Qc, Kc, Vc, Bc, gc = qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], bh[:, :, sl], gh[:, :, sl]
+        b = gc.cumsum(-1)  # [B, H, C]
+        if bug == "form-from-first-gate":  # the span estimated from the chunk's first gate
+            factored = bool((-gc[..., 0] * C <= _FACTORED_SPAN).all())
+        elif bug == "form-from-first-sequence":
+            factored = all_factored
+        else:
+            factored = bool((-b[..., -1] <= _FACTORED_SPAN).all())
+        b_end = b[..., -1:]
+        if factored:
+            decay = (torch.exp(b - b_end)[..., :, None] * torch.exp(b_end - b)[..., None, :]).tril()
+        else:
+            lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+            decay = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~lower, float("-inf")))
+        A = (Bc[..., None] * (Kc @ Kc.transpose(-1, -2)) * decay).tril(-1)
+        eye = torch.eye(C, dtype=acc, device=q.device)
+        rhs = Bc[..., None] * (Vc - torch.exp(b)[..., None] * (Kc @ S))
+        U = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+        o[:, :, sl] = torch.exp(b)[..., None] * (Qc @ S) + ((Qc @ Kc.transpose(-1, -2)) * decay) @ U
+        S = torch.exp(b_end)[..., None] * S + (Kc * torch.exp(b_end - b)[..., None]).transpose(-1, -2) @ U
     return (scale * o).transpose(1, 2).to(q.dtype), S
 
 
@@ -136,6 +189,32 @@ def output_in_accumulation_dtype(q, k, v, beta, g=None, initial_state=None, *, s
     return o.to(state_dtype_for(q.dtype)), S
 
 
+def ragged_chunk_padded_with_last_decay(q, k, v, beta, g=None, initial_state=None, *, scale=1.0):
+    """Pads a ragged last chunk by repeating its last log-decay (zeros for q, k, v, beta): outputs are right, but
+    the final state decays once more per padded step, so a state handed to the next call is wrong."""
+    return _chunked(q, k, v, beta, g, initial_state, scale, "ragged-chunk-padded-with-last-decay")
+
+
+def decay_form_from_first_gate(q, k, v, beta, g=None, initial_state=None, *, scale=1.0):
+    """Chooses the factored decay form from the chunk's first log-decay: strong decay later in a chunk that starts
+    mild overflows exp(b_t - b_C) and turns the chunk's earlier outputs to NaN (cf. fla PR #1244)."""
+    return _chunk_forms(q, k, v, beta, g, initial_state, scale, "form-from-first-gate")
+
+
+def decay_form_from_first_sequence(q, k, v, beta, g=None, initial_state=None, *, scale=1.0):
+    """Chooses the decay form for the whole batch from sequence 0: a strongly decaying neighbour of a mild
+    sequence 0 is run in the factored form and overflows."""
+    return _chunk_forms(q, k, v, beta, g, initial_state, scale, "form-from-first-sequence")
+
+
+def dg_identity_in_input_dtype(q, k, v, beta, g=None, initial_state=None, *, scale=1.0):
+    """The decay gradient by the identity dg_t = sum_{s>=t} (q_s.dq_s - v_s.dv_s) + <dS_T, S_T> computed in the input
+    dtype: dq, dv rounded to bf16 and the products and the reverse sum in bf16. Its error is eps_bf16 times the
+    terms: only a natural-scale bound admits the float32 identity (tests/correct_kernels/delta_forward.py) and
+    still catches this."""
+    return identity_dg_kernel(q, k, v, beta, g, initial_state, scale=scale, dg_dtype=q.dtype)
+
+
 def _bug(kernel: str, dtype: str, caught_by: tuple[str, ...], kind: str, says: str = "") -> PlantedBug:
     return PlantedBug(__file__, "delta-forward", kernel, dtype, caught_by, kind, says)
 
@@ -158,4 +237,10 @@ BUGS: tuple[PlantedBug, ...] = (
     _bug("beta_clamped_in_place", "float32", (_p("inputs-unchanged"),), "modifies its input beta in place"),
     _bug("state_cached_across_calls", "float32", (_p("deterministic"),), "hidden state carried across calls"),
     _bug("output_in_accumulation_dtype", "bfloat16", (_p("contract"),), "returns float32 o for bf16 inputs"),
+    _bug("ragged_chunk_padded_with_last_decay", "float32", (_p("state-handoff"),),
+         "final state over-decayed by a replicated ragged-chunk padding", "running [0, p) then [p, t)"),
+    _bug("decay_form_from_first_gate", "float32", (_p("causality"),), "later decays change earlier outputs",
+         "the future leaks into the past"),
+    _bug("decay_form_from_first_sequence", "float32", (_p("sequence-independence"),),
+         "a batch-wide form decision from sequence 0", "depend on its neighbours"),
 )

@@ -15,6 +15,7 @@ import torch
 
 from iqa_verify.contracts import state_dtype_for
 from tests.bug_zoo.planted import PlantedBug
+from tests.correct_kernels.gla_forward import identity_dg_kernel
 
 __all__ = ["BUGS"]
 
@@ -66,7 +67,10 @@ def _chunked(q, k, v, g, initial_state, scale, bug: str = "", chunk: int = 16):
         sl = slice(n * chunk, min((n + 1) * chunk, T))
         Qc, Kc, Vc = qh[:, :, sl], kh[:, :, sl], vh[:, :, sl]
         C = Qc.shape[2]
-        if bug == "ragged-chunk-read-past-end" and C < chunk:
+        if bug == "ragged-chunk-padded-with-last-gate" and C < chunk:  # F.pad(mode="replicate") on g only
+            gc = torch.cat([gh[:, :, sl], gh[:, :, sl][:, :, -1:].expand(B, H, chunk - C, D)], dim=2)
+            Qc, Kc, Vc = (torch.cat([x, x.new_zeros(B, H, chunk - C, x.shape[-1])], dim=2) for x in (Qc, Kc, Vc))
+        elif bug == "ragged-chunk-read-past-end" and C < chunk:
             extra = chunk - C
             Qc = torch.cat([Qc, torch.zeros(B, H, extra, D, dtype=acc, device=q.device)], dim=2)
             Kc = torch.cat([Kc, torch.empty(B, H, extra, D, dtype=acc, device=q.device)], dim=2)
@@ -87,6 +91,48 @@ def _chunked(q, k, v, g, initial_state, scale, bug: str = "", chunk: int = 16):
         to_end = torch.exp(b[:, :, -1:] - b)
         carry = S if bug == "chunk-gate-dropped-at-boundary" else torch.exp(b[:, :, -1])[..., None] * S
         S = carry + (Kc * to_end).transpose(-1, -2) @ Vc
+    return (scale * o).transpose(1, 2).to(q.dtype), S
+
+
+_FACTORED_SPAN = 20.0  # nats: the factored form's exp(b_i - b_C) stays far from float32 overflow (88) below it
+
+
+def _chunk_forms(q, k, v, g, initial_state, scale, bug: str = "", chunk: int = 64):
+    """Chunked kernel with the two gate forms of real kernels, ``bug`` planted: per chunk, with b the
+    within-chunk cumulative log gate ([C, D]), FACTORED ``(Q exp(b - b_C)) (K exp(b_C - b))^T`` masked to the lower
+    triangle when every dimension's total ``-b_C`` is at most ``_FACTORED_SPAN`` (else exp(b_i - b_C) overflows),
+    MASKED ``sum_d q_id k_jd exp(b_id - b_jd)`` otherwise."""
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    acc = state_dtype_for(q.dtype)
+    qh, kh, vh, gh = (x.transpose(1, 2).to(acc) for x in (q, k, v, g))  # [B, H, T, *]
+    S = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+    o = torch.zeros(B, H, T, E, dtype=acc, device=q.device)
+    n_chunks = math.ceil(T / chunk)
+    if bug == "form-from-first-sequence":  # one decision for the batch, from sequence 0's chunks
+        first = torch.nn.functional.pad(gh[0], (0, 0, 0, n_chunks * chunk - T)).unflatten(-2, (n_chunks, chunk)).sum(-2)
+        all_factored = bool((-first <= _FACTORED_SPAN).all())
+    for n in range(n_chunks):
+        start = n * chunk
+        C = min(chunk, T - start)
+        sl = slice(start, start + C)
+        Qc, Kc, Vc, gc = qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], gh[:, :, sl]
+        b = gc.cumsum(-2)  # [B, H, C, D]
+        if bug == "form-from-first-gate":  # the span estimated from the chunk's first gate
+            factored = bool((-gc[..., 0, :] * C <= _FACTORED_SPAN).all())
+        elif bug == "form-from-first-sequence":
+            factored = all_factored
+        else:
+            factored = bool((-b[..., -1, :] <= _FACTORED_SPAN).all())
+        if factored:
+            b_end = b[..., -1:, :]
+            scores = ((Qc * torch.exp(b - b_end)) @ (Kc * torch.exp(b_end - b)).transpose(-1, -2)).tril()
+        else:
+            lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()[:, :, None]
+            W = torch.exp((b[..., :, None, :] - b[..., None, :, :]).masked_fill(~lower, float("-inf")))
+            scores = torch.einsum("bhid,bhjd,bhijd->bhij", Qc, Kc, W)
+        o[:, :, sl] = scores @ Vc + (Qc * torch.exp(b)) @ S
+        S = torch.exp(b[..., -1, :])[..., None] * S + (Kc * torch.exp(b[..., -1:, :] - b)).transpose(-1, -2) @ Vc
     return (scale * o).transpose(1, 2).to(q.dtype), S
 
 
@@ -161,6 +207,32 @@ def output_in_accumulation_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
     return o.to(state_dtype_for(q.dtype)), S
 
 
+def ragged_chunk_padded_with_last_gate(q, k, v, g, initial_state=None, *, scale=1.0):
+    """Pads a ragged last chunk by repeating its last gate (zeros for q, k, v): outputs are right, but the final
+    state decays once more per padded step, so a state handed to the next call is wrong."""
+    return _chunked(q, k, v, g, initial_state, scale, "ragged-chunk-padded-with-last-gate")
+
+
+def gate_form_from_first_gate(q, k, v, g, initial_state=None, *, scale=1.0):
+    """Chooses the factored gate form from the chunk's first gate: strong gates later in a chunk that starts mild
+    overflow exp(b_i - b_C) and turn the chunk's earlier outputs to NaN (cf. fla PR #1244)."""
+    return _chunk_forms(q, k, v, g, initial_state, scale, "form-from-first-gate")
+
+
+def gate_form_from_first_sequence(q, k, v, g, initial_state=None, *, scale=1.0):
+    """Chooses the gate form for the whole batch from sequence 0: a strongly gated neighbour of a mild sequence 0
+    is run in the factored form and overflows."""
+    return _chunk_forms(q, k, v, g, initial_state, scale, "form-from-first-sequence")
+
+
+def dg_identity_in_input_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
+    """flash-linear-attention's gate gradient (the per-dimension GLA identity dg_td = sum_{s>=t} q_sd dq_sd - k_sd dk_sd,
+    reverse-summed) computed in the input dtype: dq, dk rounded to bf16 and the products and the reverse sum in bf16.
+    Its error is eps_bf16 times the terms: only a natural-scale bound admits the float32 identity
+    (tests/correct_kernels/gla_forward.py) and still catches this."""
+    return identity_dg_kernel(q, k, v, g, initial_state, scale=scale, dg_dtype=q.dtype)
+
+
 def _bug(kernel: str, dtype: str, caught_by: tuple[str, ...], kind: str, says: str = "") -> PlantedBug:
     return PlantedBug(__file__, "gla-forward", kernel, dtype, caught_by, kind, says)
 
@@ -184,4 +256,10 @@ BUGS: tuple[PlantedBug, ...] = (
     _bug("gate_exponentiated_in_place", "float32", (_p("inputs-unchanged"),), "modifies its input g in place"),
     _bug("state_cached_across_calls", "float32", (_p("deterministic"),), "hidden state carried across calls"),
     _bug("output_in_accumulation_dtype", "bfloat16", (_p("contract"),), "returns float32 o for bf16 inputs"),
+    _bug("ragged_chunk_padded_with_last_gate", "float32", (_p("state-handoff"),),
+         "final state over-gated by a replicated ragged-chunk padding", "running [0, p) then [p, t)"),
+    _bug("gate_form_from_first_gate", "float32", (_p("causality"),), "later gates change earlier outputs",
+         "the future leaks into the past"),
+    _bug("gate_form_from_first_sequence", "float32", (_p("sequence-independence"),),
+         "a batch-wide form decision from sequence 0", "depend on its neighbours"),
 )
