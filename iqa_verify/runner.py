@@ -70,7 +70,7 @@ class RunConfig:
     ``path.py:attr``): repro commands use it. report_dir, when set, receives failing inputs.
     time_budget_s, when set, bounds each property's search: once that many seconds have passed (and at
     least one example ran, and nothing is being shrunk) no new example starts, pinned edge regimes
-    included (they run first, in their declared order); the result says so. For
+    included (they run first, smallest first); the result says so. For
     kernels that run slowly here (third-party Triton kernels in the interpreter). database: a folder for
     Hypothesis' example database (failing examples are saved there and replayed first by the next run of
     the same kernel, family, dtype and device; None: nothing is kept). isolation: where the
@@ -301,6 +301,20 @@ def _settings(cfg: RunConfig):
     )
 
 
+def _pinned_order(cfg: RunConfig) -> list[Any]:
+    """The family's pinned edge regimes: in their declared order, or smallest first (by the number of input
+    elements) under a time budget, so a slow kernel covers as many regimes as the budget allows."""
+    pinned = list(cfg.family.pinned(cfg.profile))
+    if cfg.time_budget_s is None:
+        return pinned
+
+    def size(spec: Any) -> int:
+        inputs = cfg.family.build(spec, cfg.dtype, torch.device("cpu")).inputs.values()
+        return sum(t.numel() for t in inputs if isinstance(t, torch.Tensor))
+
+    return sorted(pinned, key=size)
+
+
 def _search(cfg: RunConfig, props: Sequence[Property], host: KernelHost, results: dict[str, PropertyResult], *,
             case_json: str | None, progress: Progress | None,
             on_result: Callable[[PropertyResult], None] | None) -> None:
@@ -347,7 +361,7 @@ def _search(cfg: RunConfig, props: Sequence[Property], host: KernelHost, results
 
     # Pinned edge regimes first, for every property; they are not shrunk by Hypothesis, so a property that
     # fails on one stays open in the random search, which may find (and shrink) a smaller counterexample.
-    for spec in cfg.family.pinned(cfg.profile):
+    for spec in _pinned_order(cfg):
         if search._over_time_budget():  # a budgeted run bounds the pinned regimes too (after the first)
             search.budget_reached = True
             break
