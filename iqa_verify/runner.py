@@ -33,7 +33,7 @@ from hypothesis.errors import Flaky
 
 from iqa_verify import cpu_share
 from iqa_verify.comparison import TensorCheck
-from iqa_verify.family import Family, NotApplicable, Property, PropertyContext, Violation
+from iqa_verify.family import Family, KernelCrashed, NotApplicable, Property, PropertyContext, Violation
 from iqa_verify.outcomes import Counterexample, PropertyResult, Status, Verdict
 from iqa_verify.profiles import Profile
 from iqa_verify.supervisor import Isolated, Isolation, KernelHost, host_for
@@ -348,6 +348,19 @@ def _search(cfg: RunConfig, props: Sequence[Property], host: KernelHost, results
                     finish(prop, Status.NOT_APPLICABLE, note=j.reason)
                     break
 
+    def settle_crashes(shrunk: _Failed) -> None:
+        """The kernel process died (exit, signal, hang) on ``shrunk``, a case shrunk for one property: every
+        other open property on which it died too is replayed on that case and, dying again, fails there
+        without a search of its own (each shrinking step of a crash costs a fresh worker)."""
+        crashed = [p for p in search.open
+                   if any(isinstance(j, _Failed) and isinstance(j.violation, KernelCrashed)
+                          for j in (js.get(p.id) for js in search.judged.values()))]
+        if not crashed:
+            return
+        for j in search.judge(shrunk.spec, crashed).values():
+            if isinstance(j, _Failed) and isinstance(j.violation, KernelCrashed):
+                finish(j.prop, Status.FAILED, _counterexample(cfg, j.prop, j))
+
     if case_json is not None:
         spec = cfg.family.spec_from_json(case_json)
         for prop in props:
@@ -365,7 +378,12 @@ def _search(cfg: RunConfig, props: Sequence[Property], host: KernelHost, results
         if search._over_time_budget():  # a budgeted run bounds the pinned regimes too (after the first)
             search.budget_reached = True
             break
-        for pid, j in search.judge(spec, search.open).items():
+        # a property that failed on an earlier pinned regime keeps that failure (the random search may find a
+        # smaller one): the later regimes are not judged for it
+        props = [p for p in search.open if search.stats[p.id].pinned_failure is None]
+        if not props:
+            break
+        for pid, j in search.judge(spec, props).items():
             if isinstance(j, _Failed) and search.stats[pid].pinned_failure is None:
                 search.stats[pid].pinned_failure = j
         settle_inapplicable_and_broken()
@@ -377,6 +395,8 @@ def _search(cfg: RunConfig, props: Sequence[Property], host: KernelHost, results
             test()
         except _Failed as failed:
             finish(failed.prop, Status.FAILED, _counterexample(cfg, failed.prop, failed))
+            if isinstance(failed.violation, KernelCrashed):
+                settle_crashes(failed)
             settle_inapplicable_and_broken()
             continue
         except Flaky:
