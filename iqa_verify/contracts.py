@@ -221,13 +221,24 @@ def _check_like(first: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
 _LAYOUT = {"q": "D", "k": "D", "v": "E", "o": "E"}
 
 
-def check_la_solve_inputs(named: dict[str, torch.Tensor], g: torch.Tensor, initial_state: torch.Tensor | None) -> LASizes:
+def check_la_solve_inputs(named: dict[str, torch.Tensor], g: torch.Tensor, initial_state: torch.Tensor | None,
+                          cu_seqlens: torch.Tensor | None = None) -> LASizes:
     """Validate the inputs of an inverse kernel; returns (B, T, H, D, E).
 
     named: the three [B, T, H, *] inputs in contract order, keyed by their names (``q``, ``k``: last
     dim D; ``v``, ``o``: last dim E); g: [B, T, H]; initial_state: [B, H, D, E] or None. One floating
-    dtype and one device; T, D, E >= 1.
+    dtype and one device; T, D, E >= 1. With ``cu_seqlens`` (a packed batch, SPEC §6, see
+    :func:`check_cu_seqlens`) B = 1 and initial_state is [N, H, D, E]; the returned sizes still say B = 1.
     """
+    if cu_seqlens is not None:
+        first_name, first = next(iter(named.items()))
+        check_ndim(first_name, first, 4, f"[1, T, H, {_LAYOUT[first_name]}]")
+        N = check_cu_seqlens(cu_seqlens, first.shape[0], first.shape[1], first.device)
+        sizes = check_la_solve_inputs(named, g, None)
+        if initial_state is not None:
+            check_shape("initial_state", initial_state, (N, sizes.H, sizes.D, sizes.E), "[N, H, D, E]")
+            _check_like(first, {"initial_state": initial_state})
+        return sizes
     first_name, first = next(iter(named.items()))
     check_ndim(first_name, first, 4, f"[B, T, H, {_LAYOUT[first_name]}]")
     check_floating(first_name, first)

@@ -180,13 +180,31 @@ def la_linear_map(
     return LinearMap(unknown, A, torch.zeros(B, H, T * E, dtype=F64, device=o.device), D, E)
 
 
-def la_solve_v_dense_ref(q, k, o, g, initial_state=None, *, scale: float = 1.0) -> torch.Tensor:
+def la_solve_v_dense_ref(q, k, o, g, initial_state=None, *, scale: float = 1.0, cu_seqlens=None) -> torch.Tensor:
     """Type1 reference: minimum-norm least-squares V of ``la_forward(q, k, V, g, S_0)[0] = o``.
 
     q, k: [B, T, H, D]; o: [B, T, H, E]; g: [B, T, H]; initial_state: [B, H, D, E] or None.
     Returns v [B, T, H, E], float64: ``pinv(scale * P ⊗ I_E) (vec(O) - c)``.
+
+    Packed batch (SPEC §6): with ``cu_seqlens`` int64 [N + 1], B = 1 and initial_state [N, H, D, E] or None.
+    The packed system is block diagonal (no state crosses a sequence boundary), so its minimum-norm
+    least-squares solution is, sequence by sequence, the minimum-norm solution of sequence i's own system
+    on positions ``[cu[i], cu[i+1])`` from ``initial_state[i]``. Padding positions (``>= cu[N]``) belong to no
+    system: v there is 0 and depends on nothing (every gradient at padding is exactly 0); a kernel's padding
+    outputs are not judged.
     """
-    return la_linear_map(Unknown.V, q, k, o, g, initial_state, scale=scale).solve(o)
+    if cu_seqlens is None:
+        return la_linear_map(Unknown.V, q, k, o, g, initial_state, scale=scale).solve(o)
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    parts = []
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        s0 = initial_state[i:i + 1] if initial_state is not None else None
+        qi, ki, oi, gi = (x[:, a:b] for x in (q, k, o, g))
+        parts.append(la_linear_map(Unknown.V, qi, ki, oi, gi, s0, scale=scale).solve(oi))
+    T = o.shape[1]
+    if cu[-1] < T:
+        parts.append(torch.zeros((1, T - cu[-1], *o.shape[2:]), dtype=F64, device=o.device))
+    return torch.cat(parts, dim=1)
 
 
 def la_solve_k_dense_ref(q, v, o, g, initial_state=None, *, scale: float = 1.0) -> torch.Tensor:

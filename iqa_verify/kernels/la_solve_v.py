@@ -2,8 +2,9 @@
 
 Contract (SPEC §2)::
 
-    la_solve_v(q, k, o, g, initial_state=None, *, scale=1.0) -> v
+    la_solve_v(q, k, o, g, initial_state=None, *, scale=1.0, cu_seqlens=None) -> v
       q, k: [B, T, H, D]   o: [B, T, H, E]   g: [B, T, H] (<= 0)   initial_state: [B, H, D, E] or None
+      cu_seqlens: int64 [N + 1] or None (a packed batch, SPEC §6: B = 1, initial_state [N, H, D, E])
       v: the minimum-norm least-squares solution of  la_forward(q, k, v, g, initial_state)[0] = o
 
 Per batch and head the system is lower triangular, ``O / scale - diag(alpha) Q S_0 = P V`` with
@@ -156,6 +157,21 @@ def _substitute_with_fallback(substitute, acc, Q, K, O, G, diag, bad, initial_st
     return V.transpose(1, 2).to(dtype)
 
 
+def _packed(solve, q, k, o, g, initial_state, cu_seqlens, **kwargs) -> torch.Tensor:
+    """A packed batch (SPEC §6): ``solve`` restarted at every sequence start ``cu[i]`` from ``initial_state[i]``
+    (zeros if None), one unpacked call per sequence on positions ``[cu[i], cu[i+1])``; the substitution is
+    sequential in time, so no state crosses a boundary. Padding positions (``>= cu[N]``) get v = 0, computed
+    from nothing (their inputs change nothing and receive zero gradients)."""
+    check_la_solve_inputs({"q": q, "k": k, "o": o}, g, initial_state, cu_seqlens)
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    parts = [solve(q[:, a:b], k[:, a:b], o[:, a:b], g[:, a:b],
+                   initial_state[i:i + 1] if initial_state is not None else None, **kwargs)
+             for i, (a, b) in enumerate(zip(cu, cu[1:]))]
+    if cu[-1] < q.shape[1]:
+        parts.append(torch.zeros((1, q.shape[1] - cu[-1], *o.shape[2:]), dtype=o.dtype, device=o.device))
+    return torch.cat(parts, dim=1)
+
+
 def la_solve_v(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -166,6 +182,7 @@ def la_solve_v(
     scale: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     on_singular: SingularPolicy = SingularPolicy.LEAST_SQUARES,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Type1: V from Q, K, O by block forward substitution over chunks of ``chunk_size`` steps.
 
@@ -174,6 +191,8 @@ def la_solve_v(
         scale: the forward's output scale (nonzero).
         chunk_size: steps per chunk C (an integer >= 1; min(C, T) is used).
         on_singular: see the module docstring (default: minimum-norm least squares).
+        cu_seqlens: int64 [N + 1] or None: a packed batch (SPEC §6, B = 1, initial_state [N, H, D, E]); see
+            :func:`_packed`.
 
     Returns:
         v: [B, T, H, E] in the input dtype (float32 accumulation for bf16/fp16).
@@ -190,6 +209,9 @@ def la_solve_v(
     Differentiable by autograd; inputs are never modified.
     """
     check_chunk_size(chunk_size)
+    if cu_seqlens is not None:
+        return _packed(la_solve_v, q, k, o, g, initial_state, cu_seqlens, scale=scale, chunk_size=chunk_size,
+                       on_singular=on_singular)
     acc, Q, K, O, G, diag, bad = _prepare(q, k, o, g, initial_state, on_singular)
     B, H, T, D = Q.shape
     E = O.shape[-1]
@@ -228,13 +250,17 @@ def la_solve_v_sequential(
     *,
     scale: float = 1.0,
     on_singular: SingularPolicy = SingularPolicy.LEAST_SQUARES,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Type1 by plain forward substitution, a Python loop over time (the benchmark's baseline)::
 
         v_t = (o_t / scale - exp(g_t) S_{t-1}^T q_t) / (q_t · k_t),    S_t = exp(g_t) S_{t-1} + k_t v_t^T
 
-    Same arguments, result, dtype rules and singular handling as :func:`la_solve_v`.
+    Same arguments, result, dtype rules, singular handling and packed batches as :func:`la_solve_v`.
     """
+    if cu_seqlens is not None:
+        return _packed(la_solve_v_sequential, q, k, o, g, initial_state, cu_seqlens, scale=scale,
+                       on_singular=on_singular)
     acc, Q, K, O, G, diag, bad = _prepare(q, k, o, g, initial_state, on_singular)
     B, H, T, D = Q.shape
     E = O.shape[-1]

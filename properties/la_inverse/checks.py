@@ -53,6 +53,7 @@ from iqa_verify.reference.la_inverse import LinearMap, Unknown, la_linear_map
 __all__ = [
     "DenseSystem",
     "analyse",
+    "backward_error_checks",
     "check_backward_error",
     "check_finite",
     "check_gradients",
@@ -61,6 +62,7 @@ __all__ = [
     "check_o_roundtrip",
     "check_unknown_roundtrip",
     "forward_checked",
+    "forward_error_checks",
 ]
 
 F64 = torch.float64
@@ -267,14 +269,25 @@ def check_backward_error(ctx: PropertyContext) -> None:
     x = _solve(ctx)
     case = ctx.case
     sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
+    checks = backward_error_checks(f"out/{_unknown(case).value}", "normal-residual", x, sys_, case.dtype)
+    ctx.require(checks, "normal-equation residual A^T(A x - b) too large: x is not a least-squares solution")
+
+
+def backward_error_checks(out_path: str, path: str, x: torch.Tensor, sys_: DenseSystem,
+                          dtype: torch.dtype) -> list[TensorCheck]:
+    """The ``backward-error`` judgement of the solution x [B, T, H, n] of ``sys_`` (a Violation for NaN, or inf
+    where the answer's size is determined; ``out_path`` names x, ``path`` the residual in the checks)."""
     A = sys_.lmap.matrix
     xv = _vec_unknown(x)
-    u = _unknown(case).value
     unjudged = []
+    room = 1.0 + tolerance(Kind.FORWARD_ERROR, dtype).rtol
+    ref_peak = _vec_unknown(sys_.x_ref).abs().amax(-1)  # [B, H]
     for bh in _bh_list(sys_):
         nan, inf = int(torch.isnan(xv[bh]).sum()), int(torch.isinf(xv[bh]).sum())
-        if nan or (inf and sys_.determined(bh, case.dtype)):
-            raise Violation(f"out/{u} at (b={bh[0]}, h={bh[1]}): {nan} NaN and {inf} inf values; the minimum-norm"
+        # an answer whose float64 value does not fit the dtype (fp16 tops out at 65504) may only come back as inf
+        fits = float(ref_peak[bh]) * room <= torch.finfo(dtype).max
+        if nan or (inf and sys_.determined(bh, dtype) and fits):
+            raise Violation(f"{out_path} at (b={bh[0]}, h={bh[1]}): {nan} NaN and {inf} inf values; the minimum-norm"
                             " least-squares solution is finite for finite inputs (a pseudo-inverse, not an exact"
                             f" inverse, is needed where the system is singular); {sys_.describe(bh)}")
         if inf:  # an ill-conditioned answer too large for the dtype (fp16): overflow is not judged
@@ -290,14 +303,15 @@ def check_backward_error(ctx: PropertyContext) -> None:
         smax, size = float(sys_.sigma_max[bh]), float(sys_.size[bh])
         scales[bh] = smax * (size * float(xv[bh].norm()) + float(sys_.data_norm[bh]))
         notes[bh] = f"A^T(A x - b) against 0, scale ‖A‖(‖|A|‖‖x‖+‖o‖+‖c‖) = {scales[bh]:.3g}; {sys_.describe(bh)}"
-    checks = _per_bh("normal-residual", _unvec(normal, T, n), torch.zeros_like(_unvec(normal, T, n)),
-                     Kind.BACKWARD_ERROR, case.dtype, scales, notes)
+    checks = _per_bh(path, _unvec(normal, T, n), torch.zeros_like(_unvec(normal, T, n)),
+                     Kind.BACKWARD_ERROR, dtype, scales, notes)
     if unjudged:
-        checks.append(TensorCheck(path="normal-residual[overflowed]", passed=True, ratio=0.0,
+        checks.append(TensorCheck(path=f"{path}[overflowed]", passed=True, ratio=0.0,
                                   note="not judged: the answer overflowed the dtype on a system too ill-conditioned for"
-                                       " its size to be determined (kappa > 1/sqrt(eps)) at " +
+                                       " its size to be determined (kappa > 1/sqrt(eps)), or whose float64 answer does"
+                                       " not fit the dtype, at " +
                                        ", ".join(f"(b={b}, h={h})" for b, h in unjudged)))
-    ctx.require(checks, "normal-equation residual A^T(A x - b) too large: x is not a least-squares solution")
+    return checks
 
 
 def check_o_roundtrip(ctx: PropertyContext) -> None:
@@ -368,7 +382,7 @@ def _skeel(sys_: DenseSystem, want: torch.Tensor, o_rounding: torch.Tensor | Non
     return _unvec(z + ulp / atol, T, E)
 
 
-def _forward_error_checks(path: str, got: torch.Tensor, want: torch.Tensor, sys_: DenseSystem, dtype: torch.dtype,
+def forward_error_checks(path: str, got: torch.Tensor, want: torch.Tensor, sys_: DenseSystem, dtype: torch.dtype,
                           extra: str, kappa2_term: bool, o_rounding: torch.Tensor | None = None,
                           o_delta: torch.Tensor | None = None) -> list[TensorCheck]:
     """Forward-error checks per (batch, head). ``o_rounding`` [B, H]: the norm of the perturbation the
@@ -433,7 +447,7 @@ def check_minimum_norm(ctx: PropertyContext) -> None:
     case = ctx.case
     sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
     u = _unknown(case).value
-    checks = _forward_error_checks(f"out/{u}", x, sys_.x_ref, sys_, case.dtype,
+    checks = forward_error_checks(f"out/{u}", x, sys_.x_ref, sys_, case.dtype,
                                    "kernel against the float64 minimum-norm solution pinv(A) b", True)
     ctx.require(checks, "the solution is not the minimum-norm least-squares solution (float64 pinv(A) b)")
 
@@ -459,7 +473,7 @@ def check_unknown_roundtrip(ctx: PropertyContext) -> None:
     xt = _vec_unknown(problem.x_true)
     projected = (torch.linalg.pinv(A) @ (A @ xt.unsqueeze(-1))).squeeze(-1)
     want = _unvec(projected, x.shape[1], sys_.lmap.n)
-    checks = _forward_error_checks(f"roundtrip/{u.value}", x, want, sys_, case.dtype,
+    checks = forward_error_checks(f"roundtrip/{u.value}", x, want, sys_, case.dtype,
                                    "solve(la_forward(x_true)) against x_true (its row-space projection where"
                                    " not identifiable)", False, _rounding_norm(exact, case.dtype),
                                    _rounding_vec(exact, case.dtype))
@@ -476,7 +490,7 @@ def check_idempotent(ctx: PropertyContext) -> None:
     o2 = exact.to(case.dtype).to(F64)
     x2 = _solve_for(ctx, o2)
     sys2 = analyse(u, {**inputs, "o": o2}, case.kwargs["scale"])
-    checks = _forward_error_checks(f"idempotent/{u.value}", x2, x1.to(F64), sys2, case.dtype,
+    checks = forward_error_checks(f"idempotent/{u.value}", x2, x1.to(F64), sys2, case.dtype,
                                    "solve(la_forward(x)) against x, x the first solution", False,
                                    _rounding_norm(exact, case.dtype), _rounding_vec(exact, case.dtype))
     ctx.require(checks, "solving la_forward(x) for the kernel's own solution x does not give x back")

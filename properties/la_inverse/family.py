@@ -5,7 +5,8 @@ Each family shares the cases of :mod:`iqa_verify.properties.la_inverse.cases` an
 inputs-unchanged, no-uninit-reads, deterministic). The shared ``values``, ``gradients`` and ``finite``
 properties are left out on purpose: elementwise agreement with a reference is meaningless where the
 system is ill-conditioned or singular; ``minimum-norm`` and the inverse ``gradients`` and ``finite``
-replace them with condition-aware versions.
+replace them with condition-aware versions. ``la-solve-v`` adds the packed-batch (``cu_seqlens``) properties of
+:mod:`iqa_verify.properties.la_inverse.varlen` (n/a for a kernel without the keyword).
 
 reference: the float64 dense pseudo-inverse (``iqa_verify.reference.la_inverse.la_solve_*_dense_ref``);
 baseline: the same dense pseudo-inverse computed in the kernel's accumulation dtype (float32 for bf16/fp16).
@@ -21,13 +22,14 @@ from iqa_verify.contracts import state_dtype_for
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec, Property
 from iqa_verify.properties.generic import shared_properties
 from iqa_verify.properties.la_inverse import checks
+from iqa_verify.properties.la_inverse.varlen import varlen_solve_properties
 from iqa_verify.properties.la_inverse.cases import SolveCase, build_solve_inputs, pinned_solve_cases, solve_cases
 from iqa_verify.reference.la_inverse import Unknown, la_linear_map, la_solve_k_dense_ref, la_solve_q_dense_ref, la_solve_v_dense_ref
 
 __all__ = ["inverse_family", "SIGNATURES"]
 
 SIGNATURES = {
-    Unknown.V: "la_solve_v(q, k, o, g, initial_state=None, *, scale=1.0) -> v",
+    Unknown.V: "la_solve_v(q, k, o, g, initial_state=None, *, scale=1.0, cu_seqlens=None) -> v",
     Unknown.K: "la_solve_k(q, v, o, g, initial_state=None, *, scale=1.0) -> k",
     Unknown.Q: "la_solve_q(k, v, o, g, initial_state=None, *, scale=1.0) -> q",
 }
@@ -92,6 +94,7 @@ def _properties(unknown: Unknown, name: str) -> tuple[Property, ...]:
           checks.check_gradients, "detached outputs, wrong or missing gradients"),
         p("finite", "finite where the float64 solution fits the dtype; gradients never NaN (nor inf where smooth)",
           checks.check_finite, "0/0 and 0*inf in singular steps and in discarded branches, overflow"),
+        *(varlen_solve_properties(name) if unknown is Unknown.V else ()),
         *shared,
     )
 
