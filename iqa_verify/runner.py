@@ -186,6 +186,12 @@ class _Search:
         return (budget is not None and self.cases >= 1 and self.target is None
                 and time.monotonic() - self.started > budget * len(self.props))
 
+    def out_of_time(self) -> bool:
+        """Whether the time budget forbids a new case; once it does, the results say the budget was reached."""
+        if self._over_time_budget():
+            self.budget_reached = True
+        return self.budget_reached
+
     def _over_shrink_budget(self) -> bool:
         return self.target_since is not None and (
             time.monotonic() - self.target_since > self.cfg.profile.shrink_budget_s)
@@ -238,8 +244,7 @@ class _Search:
                 self.target_failures[spec] = j
                 raise j
             return
-        if self._over_time_budget():  # no new example: Hypothesis runs out its remaining draws at no cost
-            self.budget_reached = True
+        if self.out_of_time():  # no new example: Hypothesis runs out its remaining draws at no cost
             return
         judgements = self.judge(spec, self.open)
         for prop in self.open:
@@ -375,15 +380,14 @@ def _search(cfg: RunConfig, props: Sequence[Property], host: KernelHost, results
     # Pinned edge regimes first, for every property; they are not shrunk by Hypothesis, so a property that
     # fails on one stays open in the random search, which may find (and shrink) a smaller counterexample.
     for spec in _pinned_order(cfg):
-        if search._over_time_budget():  # a budgeted run bounds the pinned regimes too (after the first)
-            search.budget_reached = True
+        if search.out_of_time():  # a budgeted run bounds the pinned regimes too (after the first)
             break
         # a property that failed on an earlier pinned regime keeps that failure (the random search may find a
         # smaller one): the later regimes are not judged for it
-        props = [p for p in search.open if search.stats[p.id].pinned_failure is None]
-        if not props:
+        unfailed = [p for p in search.open if search.stats[p.id].pinned_failure is None]
+        if not unfailed:
             break
-        for pid, j in search.judge(spec, props).items():
+        for pid, j in search.judge(spec, unfailed).items():
             if isinstance(j, _Failed) and search.stats[pid].pinned_failure is None:
                 search.stats[pid].pinned_failure = j
         settle_inapplicable_and_broken()
