@@ -157,14 +157,16 @@ def _baseline_fb(ctx: PropertyContext, cots: Tensors) -> ForwardBackward:
 
 
 def run_forward_backward(ctx: PropertyContext, cots: Tensors, inputs: Mapping[str, torch.Tensor | None] | None = None,
-                         kwargs: Mapping[str, object] | None = None) -> ForwardBackward:
+                         kwargs: Mapping[str, object] | None = None, *, poisoned: bool = False) -> ForwardBackward:
     """The kernel's outputs and gradients of <cots, outputs> on ``inputs``/``kwargs`` (default: the case's);
     a detached output is a Violation that says so (see :meth:`PropertyContext.forward_backward`).
 
     The differentiable inputs are those of the inputs actually passed (an initial state a property adds is
     differentiated). Output shapes are checked against the contract for the case's own inputs only: a
-    property that passes inputs of other shapes checks the shapes it expects itself."""
-    return ctx.forward_backward(cots, inputs, kwargs)
+    property that passes inputs of other shapes checks the shapes it expects itself. ``poisoned``: torch.empty*
+    allocations are NaN-filled during the call (see :mod:`iqa_verify.poison`), so an element the kernel never
+    writes shows as NaN, not as whatever the heap held."""
+    return ctx.forward_backward(cots, inputs, kwargs, poisoned=poisoned)
 
 
 def _check_shapes(ctx: PropertyContext, outs: Tensors) -> None:

@@ -18,7 +18,8 @@ varlen-capable": the properties are not applicable to it (n/a, neither pass nor 
   pinv solution (forward errors only where kappa is moderate).
 - ``varlen-gradients``: per sequence where its system is full rank and well-conditioned, the ``gradients``
   judgement against the float64 per-sequence reference; at padding the gradients must be 0 (cotangents there
-  are not), judged against the scale of the real gradients.
+  are not), judged against the scale of the real gradients. Its packed run has NaN-poisoned ``torch.empty*``
+  allocations, so padding gradients never written fail on every run, not only when the heap held garbage.
 - ``varlen-one-by-one``: the packed answer equals each sequence solved alone (a plain call) within the
   forward-error allowance of that sequence's system (``idempotent``'s rule: two answers of one solver), the
   padding inputs far from the rest (no float64 solution is compared).
@@ -177,7 +178,7 @@ def _varlen_gradients(ctx: PropertyContext) -> None:
     scale, dtype = case.kwargs["scale"], case.dtype
     gen = torch.Generator().manual_seed(int(case.spec.seed) + 7919)
     cot = torch.randn(tuple(p.inputs["o"].shape), generator=gen, dtype=F64)
-    got = ctx.forward_backward({"v": cot.to(device=case.device, dtype=dtype)}, p.inputs, _kwargs(ctx, p))
+    got = ctx.forward_backward({"v": cot.to(device=case.device, dtype=dtype)}, p.inputs, _kwargs(ctx, p), poisoned=True)
     _expect(got.outputs["v"], p.inputs["o"], f"the packed call ({p.describe()})")
 
     def grad(n: str) -> torch.Tensor:
@@ -221,7 +222,8 @@ def _varlen_gradients(ctx: PropertyContext) -> None:
             checks.append(compare(f"grad/d{n}[:, cu[N]:] (padding)", g, torch.zeros_like(g), tol, dtype=dtype,
                                   scale=max(siblings, torch.finfo(dtype).tiny)))
     ctx.require(checks, f"packed batch ({p.describe()}) gradients differ from the per-sequence float64 reference"
-                        " (at padding they must be 0)")
+                        " (at padding they must be 0; the packed run had NaN-filled torch.empty*, so NaN there means"
+                        " never written)")
 
 
 def varlen_solve_properties(family: str) -> tuple[Property, ...]:

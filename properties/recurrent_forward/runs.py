@@ -50,9 +50,10 @@ def expect_shapes(outs: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.T
 
 
 def copied_run(ctx: PropertyContext, inputs: Inputs, cots: Mapping[str, torch.Tensor],
-               kwargs: Mapping[str, object] | None = None) -> ForwardBackward:
-    """Forward and backward of <cots, outputs> on ``inputs`` (``kwargs``: the case's by default), copied."""
-    res = run_forward_backward(ctx, dict(cots), inputs=inputs, kwargs=kwargs)
+               kwargs: Mapping[str, object] | None = None, *, poisoned: bool = False) -> ForwardBackward:
+    """Forward and backward of <cots, outputs> on ``inputs`` (``kwargs``: the case's by default), copied;
+    ``poisoned``: with NaN-filled torch.empty* allocations."""
+    res = run_forward_backward(ctx, dict(cots), inputs=inputs, kwargs=kwargs, poisoned=poisoned)
     return ForwardBackward({n: t.detach().clone() for n, t in res.outputs.items()},
                            {n: (t.detach().clone() if t is not None else None) for n, t in res.grads.items()})
 

@@ -11,6 +11,10 @@ applicable to it (n/a, neither pass nor fail). ids ``<family>/<name>``:
 - ``varlen-one-by-one``: the packed call equals each sequence run alone (a plain call), values and
   gradients, with padding inputs far from the rest that must change nothing (``Kind.METAMORPHIC``, no
   reference: runs at the spec's ``free_T`` when it has one).
+
+The packed forward+backward runs with NaN-poisoned ``torch.empty*`` allocations: a kernel that never writes the
+padding's gradients fails on every run, not only when the heap happened to hold garbage there (a fresh page
+reads as the zero the property expects).
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ def _varlen_gradients(form: RecurrentForward, ctx: PropertyContext) -> None:
     case = ctx.case
     p = packed_case(form, case.spec, case.spec.T, case.dtype, case.device)
     cots = cotangents(ctx, p.inputs, states=len(p.lengths))
-    got = run_forward_backward(ctx, cots, inputs=p.inputs, kwargs=_kwargs(ctx, p))
+    got = run_forward_backward(ctx, cots, inputs=p.inputs, kwargs=_kwargs(ctx, p), poisoned=True)
     _expect(got.outputs, p, "packed call")
     scale = case.kwargs.get("scale", 1.0)
     _, ref = _reference(form.reference, p, scale, cots, upcast=True)
@@ -106,7 +110,8 @@ def _varlen_gradients(form: RecurrentForward, ctx: PropertyContext) -> None:
             checks.append(compare(f"grad/d{n}[:, cu[N]:] (padding)", g[:, end:], r[:, end:], tol, dtype=dtype,
                                   scale=siblings))
     ctx.require(checks, f"packed batch ({p.describe()}) gradients differ from the per-sequence float64 reference"
-                        " (at padding they must be 0)")
+                        " (at padding they must be 0; the packed run had NaN-filled torch.empty*, so NaN there means never"
+                        " written)")
 
 
 def _varlen_one_by_one(form: RecurrentForward, ctx: PropertyContext) -> None:
@@ -116,7 +121,7 @@ def _varlen_one_by_one(form: RecurrentForward, ctx: PropertyContext) -> None:
     total = getattr(spec, "free_T", 0) or spec.T
     p = packed_case(form, spec, total, case.dtype, case.device)
     cots = cotangents(ctx, p.inputs, states=len(p.lengths))
-    packed = copied_run(ctx, p.inputs, cots, _kwargs(ctx, p))
+    packed = copied_run(ctx, p.inputs, cots, _kwargs(ctx, p), poisoned=True)
     _expect(packed.outputs, p, "packed call")
     dtype, scale = case.dtype, case.kwargs.get("scale", 1.0)
     cu = p.cu_seqlens.tolist()
@@ -151,7 +156,8 @@ def _varlen_one_by_one(form: RecurrentForward, ctx: PropertyContext) -> None:
             g = grad_or_zeros(packed, n, p.inputs[n])[:, p.end:]
             checks.append(check_runs(f"grad/d{n}[:, cu[N]:] (padding)", g, torch.zeros_like(g, dtype=torch.float64),
                                      Kind.METAMORPHIC_GRAD, dtype, bound[n], "zero (padding gets no gradient)"))
-    ctx.require(checks, f"the packed call ({p.describe()}) differs from its sequences run one by one")
+    ctx.require(checks, f"the packed call ({p.describe()}) differs from its sequences run one by one (it ran with"
+                        " NaN-filled torch.empty*: NaN at padding means gradients never written)")
 
 
 def varlen_properties(family: str, form: RecurrentForward) -> tuple[Property, ...]:

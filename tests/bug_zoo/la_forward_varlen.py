@@ -43,10 +43,30 @@ def _packed(q, k, v, g, initial_state, scale, cu_seqlens, bug: str):
     return torch.stack(outs, 0)[None].to(q.dtype), torch.stack(finals, 0)
 
 
+class _RealPart(torch.autograd.Function):
+    """x[:, :end], whose backward allocates the input's gradient with new_empty and writes only the
+    real positions: the padding's gradient is whatever that memory held (fla's varlen backward kernels)."""
+
+    @staticmethod
+    def forward(ctx, x, end):
+        ctx.shape, ctx.end = x.shape, end
+        return x[:, :end].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty(ctx.shape)
+        out[:, :ctx.end] = grad
+        return out, None
+
+
 def _kernel(bug: str):
     def kernel(q, k, v, g, initial_state=None, *, scale=1.0, cu_seqlens=None):
         if cu_seqlens is None:
             return _recurrent(q, k, v, g, initial_state, scale)
+        if bug == "padding-unwritten":
+            T, end = q.shape[1], int(cu_seqlens[-1])
+            o, S = _packed(*(_RealPart.apply(x, end) for x in (q, k, v, g)), initial_state, scale, cu_seqlens, "")
+            return torch.cat([o, o.new_zeros(1, T - end, *o.shape[2:])], 1), S
         return _packed(q, k, v, g, initial_state, scale, cu_seqlens, bug)
 
     return kernel
@@ -57,6 +77,9 @@ state_carried_across_sequences.__doc__ = "Adds each sequence's initial state to 
 padding_continues_last_sequence = _kernel("padding-continues")
 padding_continues_last_sequence.__doc__ = ("Computes padding outputs as a continuation of the last sequence: not judged, but"
                                            " the padding inputs then get gradients (cf. fla #837, #955, #892).")
+padding_gradients_never_written = _kernel("padding-unwritten")
+padding_gradients_never_written.__doc__ = ("Right on every real position; the padding's gradients are allocated but never"
+                                           " written (fla's chunk and fused recurrent varlen backward, 0.6.0).")
 pack_offsets_wrap_after_1024 = _kernel("offsets-wrap")
 pack_offsets_wrap_after_1024.__doc__ = "Positions in the pack wrap after 1024 steps: right for every pack of <= 1024 (cf. fla #1080)."
 
@@ -70,6 +93,9 @@ BUGS: tuple[PlantedBug, ...] = (
                (_p("varlen-values"), _p("varlen-one-by-one")), "state not reset between packed sequences"),
     PlantedBug(__file__, "la-forward", "padding_continues_last_sequence", "float32",
                (_p("varlen-gradients"), _p("varlen-one-by-one")), "padding positions receive gradients", "padding"),
+    PlantedBug(__file__, "la-forward", "padding_gradients_never_written", "float32",
+               (_p("varlen-gradients"), _p("varlen-one-by-one")), "padding gradients never written",
+               "never written"),
     PlantedBug(__file__, "la-forward", "pack_offsets_wrap_after_1024", "float32",
                (_p("varlen-one-by-one"),), "pack offsets wrap past 1024 steps"),
 )
