@@ -20,6 +20,7 @@ family or property id, unreadable or incompatible baseline); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -44,6 +45,7 @@ from iqa_verify.outcomes import PropertyResult, Status, Verdict
 from iqa_verify.profiles import PROFILES, profile_named
 from iqa_verify.registry import FAMILIES, builtin_kernels, family, optional_kernels, third_party_kernels
 from iqa_verify.report import append_step_summary, summary_rows, write_report
+from iqa_verify.report_runs import ReportRun, execute, run_all
 from iqa_verify.runner import DEFAULT_DB, RunConfig, check, example_database
 from iqa_verify.supervisor import InProcess, Isolated, Isolation, close_all, host_for, parse_memory
 
@@ -92,7 +94,7 @@ class Progress:
 def _print_table(verdicts: Sequence[Verdict]) -> None:
     header = ["kernel", "family", "dtype", "device", "verdict", "props", "worst ratio"]
     rows = summary_rows(verdicts)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
@@ -238,6 +240,44 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _jobs(args: argparse.Namespace, isolation: Isolation, runs: int) -> int:
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise IqaVerifyError(f"jobs={args.jobs}: the number of runs at once must be >= 1")
+        if args.jobs > 1 and isinstance(isolation, InProcess):
+            raise IqaVerifyError(f"jobs={args.jobs}: --in-process runs every kernel in this one process; use --jobs 1")
+        return args.jobs
+    if isinstance(isolation, InProcess):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, runs))
+
+
+def _report_runs(args: argparse.Namespace, names: Sequence[str], devices: Sequence[torch.device], out: Path,
+                 isolation: Isolation) -> list[ReportRun]:
+    """Every kernel x family x dtype x device the report verifies, in the order the report lists them."""
+    budget = _budget(args.third_party_budget)
+    runs: list[ReportRun] = []
+    for name in names:
+        fam = family(name)
+        dtypes = args.dtype or [str(d).removeprefix("torch.") for d in fam.dtypes]
+        if args.impl:
+            kernels = [(BuiltinKernel(impl, "given with --impl"), False) for impl in args.impl]
+        else:
+            kernels = [(k, False) for k in builtin_kernels(name)]
+            kernels += [(k, True) for k in (third_party_kernels(name) if args.third_party else ())]
+        for k, foreign in kernels:
+            for device in devices:
+                if k.device is not None and device.type != k.device:
+                    continue
+                # third-party Triton kernels run in the interpreter on CPU: bounded per property
+                k_budget = budget if foreign and device.type == "cpu" else None
+                for dtype_name in dtypes:
+                    runs.append(ReportRun(name, k.impl, foreign, dtype_name, str(device), k.profile or args.profile,
+                                          args.seed, out, k_budget, isolation, _database(args)))
+    return runs
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     devices = [parse_device(d) for d in args.device] if args.device else (
         [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else []))
@@ -245,48 +285,34 @@ def _cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) / run_id
     profile = profile_named(args.profile)
     progress = Progress()
-    verdicts: list[Verdict] = []
     diagnostics: dict = {}
-    complete = True
     names = args.family or list(FAMILIES)
     if args.impl and len(names) != 1:
         raise IqaVerifyError(f"impl={' '.join(args.impl)}: --impl needs exactly one --family (the kernels' own)")
-    third_party = args.third_party
-    budget = _budget(args.third_party_budget)
     isolation = _isolation(args)
     for name in names:
         family(name)  # unknown names: a usage error before anything runs
+    runs = _report_runs(args, names, devices, out, isolation)
+    jobs = _jobs(args, isolation, len(runs))
+    if jobs > 1:
+        print(f"{len(runs)} runs, {jobs} at once (each in its own supervisor process)", file=progress.stream)
+
+    def started(run: ReportRun) -> None:
+        print(("started: " if jobs > 1 else "") + run.describe(), file=progress.stream)
+
+    def finished(i: int, verdict: Verdict) -> None:
+        if jobs > 1:
+            failed = [r.property_id for r in verdict.failed()]
+            seconds = max((r.seconds for r in verdict.results), default=0.0)
+            mark = "PASS" if verdict.passed else "FAIL" if verdict.complete else "INCOMPLETE"
+            print(f"  {mark:10} {runs[i].describe()} ({len(verdict.results)} properties, {seconds:.0f} s)"
+                  + (f": {', '.join(failed)}" if failed else ""), file=progress.stream)
+
+    verdicts, complete = run_all(runs, jobs, on_start=started, on_verdict=finished,
+                                 sequential=lambda run: execute(run, on_result=progress.result, progress=progress.example))
     try:
-        for name in names:
+        for name in names if complete else ():
             fam = family(name)
-            dtypes = args.dtype or [str(d).removeprefix("torch.") for d in fam.dtypes]
-            if args.impl:
-                kernels = [(BuiltinKernel(impl, "given with --impl"), False) for impl in args.impl]
-            else:
-                kernels = [(k, False) for k in builtin_kernels(name)]
-                kernels += [(k, True) for k in (third_party_kernels(name) if third_party else ())]
-            for k, foreign in kernels:
-                try:
-                    kernel, unloadable = _kernel(k.impl, isolation), None
-                except IqaVerifyError as exc:  # a kernel that cannot even load: its rows say so
-                    kernel, unloadable = None, str(exc)
-                k_profile = profile_named(k.profile) if k.profile else profile
-                for device in devices:
-                    if k.device is not None and device.type != k.device:
-                        continue
-                    # third-party Triton kernels run in the interpreter on CPU: bounded per property
-                    k_budget = budget if foreign and device.type == "cpu" else None
-                    for dtype_name in dtypes:
-                        cfg = RunConfig(fam, kernel, k.impl, DTYPES[dtype_name], device, k_profile, args.seed, out,
-                                        time_budget_s=k_budget, isolation=isolation, database=_database(args))
-                        try:
-                            verdict = _unloadable(cfg, unloadable) if unloadable else _run(cfg, progress)
-                        except IqaVerifyError as exc:  # its worker could not be restarted
-                            verdict = _unloadable(cfg, str(exc))
-                        verdict.third_party = foreign
-                        verdicts.append(verdict)
-                        if not verdict.complete:
-                            raise KeyboardInterrupt
             if fam.diagnostics is not None:
                 print(f"{name}: diagnostics", file=progress.stream)
                 try:
@@ -311,13 +337,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not complete:
         return EXIT_INTERRUPTED
     return EXIT_OK if all(v.passed for v in verdicts if not v.third_party) else EXIT_FAILED
-
-
-def _unloadable(cfg: RunConfig, why: str) -> Verdict:
-    verdict = Verdict(cfg.kernel_name, cfg.family.name, str(cfg.dtype).removeprefix("torch."), str(cfg.device),
-                      cfg.profile.name, cfg.seed)
-    verdict.results.append(PropertyResult("load", "the kernel loads", Status.FAILED, 0, 0.0, error=why))
-    return verdict
 
 
 def _database(args: argparse.Namespace) -> Path | None:
@@ -385,6 +404,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="also verify the installed third-party kernels (adapters), reported as they are: their"
                         " verdicts do not decide the exit status (default)")
     r.add_argument("--no-third-party", dest="third_party", action="store_false")
+    r.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                   help="kernel x dtype runs at once, each in its own supervisor process with its share of the"
+                        " cores (default: the cores this process may use; 1 with --in-process)")
     r.add_argument("--third-party-budget", type=float, default=THIRD_PARTY_BUDGET_S, metavar="SECONDS",
                    help="per-property time budget for third-party kernels on CPU, where their Triton kernels run"
                         f" in the interpreter (default {THIRD_PARTY_BUDGET_S:g} s; the report marks such runs"
