@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.profiles import Profile, Size
 from iqa_verify.properties.gla_forward.cases import initial_state_tensor, sequence_layout
-from iqa_verify.properties.la_forward.cases import Layout
+from iqa_verify.properties.la_forward.cases import Layout, check_free_length, free_lengths
 
 __all__ = ["Beta", "DeltaCase", "Decay", "Keys", "build_delta_inputs", "delta_cases", "pinned_delta_cases"]
 
@@ -53,7 +53,9 @@ class Decay(enum.Enum):
 @dataclass(frozen=True)
 class DeltaCase:
     """Sizes; keys, beta and decay regimes; initial_state given or None; layout; magnitude: log10 of the scale of
-    q and v (keys keep their norm); scale: the kernel's ``scale``; seed."""
+    q and v (keys keep their norm); scale: the kernel's ``scale``; seed; free_T: the length the reference-free
+    properties (state hand-off, causality, sequence independence, varlen-one-by-one) run at, 0 for the case's own
+    T (as la-forward's)."""
 
     B: int
     T: int
@@ -68,6 +70,7 @@ class DeltaCase:
     magnitude: int = 0
     scale: float = 1.0
     seed: int = 0
+    free_T: int = 0
 
     _ENUMS = {"keys": Keys, "beta": Beta, "decay": Decay, "layout": Layout}
 
@@ -90,6 +93,7 @@ class DeltaCase:
         for name in ("B", "T", "H", "D", "E"):
             if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
                 raise IqaVerifyError(f"case {name}={getattr(spec, name)!r}: sizes must be integers >= 1")
+        check_free_length(spec)
         return spec
 
     def regime(self) -> str:
@@ -99,6 +103,8 @@ class DeltaCase:
             parts.append(f"|q|,|v|~1e{self.magnitude}")
         if self.scale != 1.0:
             parts.append(f"scale={self.scale:g}")
+        if self.free_T and self.free_T != self.T:
+            parts.append(f"reference-free properties at T={self.free_T}")
         return ", ".join(parts)
 
 
@@ -115,6 +121,7 @@ def delta_cases(profile: Profile) -> st.SearchStrategy[DeltaCase]:
     - T: 1..short max, or long (>= 256, never a multiple of 16); B, H: 1..max; D, E independent.
     - keys: unit about three times in four (as models normalise them), small unnormalised otherwise.
     - beta, decay (None or a regime), initial_state, layout, magnitude of q, v (1e-2, 1, 1e1), scale, seed.
+    - free_T: 1..130 in ci; in dev and thorough 0 (the case's T) or past 1000 (la-forward's ``free_lengths``).
     Shrinks towards B=H=D=E=T=1, unit keys, uniform beta, no decay, no initial state, contiguous, scale 1.
     """
     max_b, max_h, max_d, short_t, (long_lo, long_hi) = _BOUNDS[profile.size]
@@ -133,6 +140,7 @@ def delta_cases(profile: Profile) -> st.SearchStrategy[DeltaCase]:
         magnitude=st.sampled_from([0, -2, 1]),
         scale=st.sampled_from([1.0, 0.125, 0.5, 2.5]),
         seed=st.integers(0, 2**31 - 1),
+        free_T=free_lengths(profile),
     )
 
 
@@ -148,6 +156,8 @@ def pinned_delta_cases(profile: Profile) -> list[DeltaCase]:
         DeltaCase(B=2, T=33, H=1, D=4, E=4, beta=Beta.ZERO, decay=Decay.STRONG, initial_state=True,
                   layout=Layout.SLICED, scale=2.5, seed=5),
         DeltaCase(B=1, T=65, H=2, D=3, E=2, keys=Keys.SMALL, decay=Decay.ZERO, magnitude=-2, initial_state=True, seed=6),
+        # the reference-free properties run this one past 1024 steps (16 chunks of 64)
+        DeltaCase(B=1, T=long_t, H=2, D=4, E=4, decay=Decay.MILD, seed=7, free_T=1100),
     ]
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.profiles import Profile, Size
-from iqa_verify.properties.la_forward.cases import Layout
+from iqa_verify.properties.la_forward.cases import Layout, check_free_length, free_lengths
 
 __all__ = ["Gate", "GLACase", "build_gla_inputs", "gla_cases", "initial_state_tensor", "pinned_gla_cases", "sequence_layout"]
 
@@ -43,7 +43,9 @@ class Gate(enum.Enum):
 @dataclass(frozen=True)
 class GLACase:
     """B, T, H, D, E sizes; gate regime; initial_state given or None; layout; magnitude: log10 of the
-    scale of q, k, v entries; scale: the kernel's ``scale``; seed: the values' random seed."""
+    scale of q, k, v entries; scale: the kernel's ``scale``; seed: the values' random seed; free_T: the length
+    the reference-free properties (state hand-off, causality, sequence independence, varlen-one-by-one) run
+    at, 0 for the case's own T (as la-forward's)."""
 
     B: int
     T: int
@@ -56,6 +58,7 @@ class GLACase:
     magnitude: int = 0
     scale: float = 1.0
     seed: int = 0
+    free_T: int = 0
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -73,6 +76,7 @@ class GLACase:
         for name in ("B", "T", "H", "D", "E"):
             if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
                 raise IqaVerifyError(f"case {name}={getattr(spec, name)!r}: sizes must be integers >= 1")
+        check_free_length(spec)
         return spec
 
     def regime(self) -> str:
@@ -81,6 +85,8 @@ class GLACase:
             parts.append(f"|x|~1e{self.magnitude}")
         if self.scale != 1.0:
             parts.append(f"scale={self.scale:g}")
+        if self.free_T and self.free_T != self.T:
+            parts.append(f"reference-free properties at T={self.free_T}")
         return ", ".join(parts)
 
 
@@ -98,6 +104,7 @@ def gla_cases(profile: Profile) -> st.SearchStrategy[GLACase]:
     - T: 1..short max, or a long range (>= 256, never a multiple of 16) where accumulation errors grow.
     - B, H: 1..max; D, E: drawn independently (D != E and D == E both occur).
     - gate regime, initial_state, layout, magnitude (1e-2, 1, 1e1), scale (1, 0.125, 0.5, 2.5), seed.
+    - free_T: 1..130 in ci; in dev and thorough 0 (the case's T) or past 1000 (la-forward's ``free_lengths``).
     Shrinks towards B=H=D=E=T=1, mild gates, no initial state, contiguous, magnitude 1, scale 1.
     """
     max_b, max_h, max_d, short_t, (long_lo, long_hi) = _BOUNDS[profile.size]
@@ -114,6 +121,7 @@ def gla_cases(profile: Profile) -> st.SearchStrategy[GLACase]:
         magnitude=st.sampled_from([0, -2, 1]),
         scale=st.sampled_from([1.0, 0.125, 0.5, 2.5]),
         seed=st.integers(0, 2**31 - 1),
+        free_T=free_lengths(profile),
     )
 
 
@@ -127,6 +135,8 @@ def pinned_gla_cases(profile: Profile) -> list[GLACase]:
         GLACase(B=2, T=70, H=2, D=4, E=4, gate=Gate.PARTIAL_ZERO, layout=Layout.SLICED, scale=2.5, seed=4),
         GLACase(B=1, T=33, H=2, D=3, E=2, gate=Gate.ZERO, initial_state=True, magnitude=-2, seed=5),
         GLACase(B=1, T=65, H=2, D=5, E=3, gate=Gate.STRONG, initial_state=True, seed=6),
+        # the reference-free properties run this one past 1024 steps (16 chunks of 64)
+        GLACase(B=1, T=long_t, H=2, D=4, E=4, seed=7, free_T=1100),
     ]
 
 

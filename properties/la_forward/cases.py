@@ -19,7 +19,7 @@ from iqa_verify.errors import IqaVerifyError
 from iqa_verify.profiles import Profile, Size
 from iqa_verify.properties.generic import CotangentLayout
 
-__all__ = ["Decay", "Layout", "LACase", "la_cases", "pinned_la_cases", "build_la_inputs"]
+__all__ = ["Decay", "Layout", "LACase", "la_cases", "pinned_la_cases", "build_la_inputs", "free_lengths", "check_free_length"]
 
 
 class Decay(enum.Enum):
@@ -87,8 +87,7 @@ class LACase:
         for name in ("B", "T", "H", "D", "E"):
             if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
                 raise IqaVerifyError(f"case {name}={getattr(spec, name)!r}: sizes must be integers >= 1")
-        if not isinstance(spec.free_T, int) or spec.free_T < 0:
-            raise IqaVerifyError(f"case free_T={spec.free_T!r}: must be an integer >= 0 (0: the case's T)")
+        check_free_length(spec)
         return spec
 
     def regime(self) -> str:
@@ -108,6 +107,21 @@ class LACase:
 # boundaries) to keep its time, the pinned cases go to 317 and 1100; dev and thorough: the case's T or lengths
 # where the float64 reference is slow (16k in thorough, meant for CUDA)
 _FREE_T = {Size.SMALL: (1, 130), Size.MEDIUM: (1000, 4100), Size.LARGE: (4000, 16400)}
+
+
+def free_lengths(profile: Profile) -> st.SearchStrategy[int]:
+    """free_T for a spec of the recurrent forward families (la, gla, delta): 1..130 in ci; in dev and thorough 0
+    (the case's T) or 1000..4100 and 4000..16400, never a multiple of 16."""
+    lo, hi = _FREE_T[profile.size]
+    if profile.size is Size.SMALL:
+        return st.integers(lo, hi)
+    return st.one_of(st.just(0), st.integers(lo, hi - 1).map(lambda t: t if t % 16 else t + 1))
+
+
+def check_free_length(spec) -> None:
+    """A spec's free_T must be an integer >= 0 (the error names it)."""
+    if not isinstance(spec.free_T, int) or isinstance(spec.free_T, bool) or spec.free_T < 0:
+        raise IqaVerifyError(f"case free_T={spec.free_T!r}: must be an integer >= 0 (0: the case's T)")
 
 _BOUNDS = {
     # size: (max B, max H, max D/E, short T max, long T range)
@@ -131,9 +145,6 @@ def la_cases(profile: Profile) -> st.SearchStrategy[LACase]:
     Shrinks towards B=H=D=E=T=1, mild decay, no initial state, contiguous, magnitude 1, scale 1.
     """
     max_b, max_h, max_d, short_t, (long_lo, long_hi) = _BOUNDS[profile.size]
-    lo, hi = _FREE_T[profile.size]
-    free_t = (st.integers(lo, hi) if profile.size is Size.SMALL
-              else st.one_of(st.just(0), st.integers(lo, hi - 1).map(lambda t: t if t % 16 else t + 1)))
     return st.builds(
         LACase,
         B=st.integers(1, max_b),
@@ -150,7 +161,7 @@ def la_cases(profile: Profile) -> st.SearchStrategy[LACase]:
         scale=st.sampled_from([1.0, 0.125, 0.5, 2.5]),
         seed=st.integers(0, 2**31 - 1),
         cotangents=st.sampled_from(CotangentLayout),
-        free_T=free_t,
+        free_T=free_lengths(profile),
     )
 
 

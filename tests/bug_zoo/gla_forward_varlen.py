@@ -33,8 +33,9 @@ def _packed(q, k, v, g, initial_state, scale, cu_seqlens, bug: str):
             i = 0 if bug == "initial-state-of-sequence-0" else cu.index(t)
             fresh = initial_state[i].to(acc) if initial_state is not None else torch.zeros_like(S)
             S = S + fresh if bug == "state-carried" else fresh
-        S = torch.exp(ga[t])[:, :, None] * S + ka[t][:, :, None] * va[t][:, None, :]
-        outs.append(scale * (qa[t][:, None, :] @ S).squeeze(-2))
+        src = t % 1024 if bug == "offsets-wrap" else t  # pack offsets kept in a 10-bit field
+        S = torch.exp(ga[src])[:, :, None] * S + ka[src][:, :, None] * va[src][:, None, :]
+        outs.append(scale * (qa[src][:, None, :] @ S).squeeze(-2))
         if t in ends:
             finals[ends[t]] = S
     outs.extend(torch.zeros(T - last, H, E, dtype=acc, device=q.device).unbind(0))
@@ -59,6 +60,9 @@ packed_padding_continues_last_sequence = _kernel(
     "padding-continues", "Computes padding outputs as a continuation of the last sequence: not judged, but the padding"
                          " inputs then get gradients (cf. fla #837, #955, #892).")
 
+packed_offsets_wrap_after_1024 = _kernel(
+    "offsets-wrap", "Positions in the pack wrap after 1024 steps: right for every pack of <= 1024 (cf. fla #1080).")
+
 
 def _p(name: str) -> str:
     return f"gla-forward/{name}"
@@ -71,4 +75,6 @@ BUGS: tuple[PlantedBug, ...] = (
                (_p("varlen-gradients"),), "initial state of sequence i taken from sequence 0", "grad/dinitial_state"),
     PlantedBug(__file__, "gla-forward", "packed_padding_continues_last_sequence", "float32",
                (_p("varlen-gradients"),), "padding positions receive gradients", "padding"),
+    PlantedBug(__file__, "gla-forward", "packed_offsets_wrap_after_1024", "float32",
+               (_p("varlen-one-by-one"),), "pack offsets wrap past 1024 steps"),
 )
