@@ -12,7 +12,7 @@ Each run appends one JSON line to ``--results`` (resumable: runs already there a
 the results into ``reports/evidence/calibration.md`` (per family x property: the correct kernels' p50/p99/max
 worst ratio and false alarms, the planted bugs' smallest ratio or non-ratio failure) and ``calibration.svg``.
 
-The full matrix of the issue (>= 20 seeds x 3 dtypes x every kernel x 5 families)::
+The full matrix of the issue (>= 20 seeds x 3 dtypes x every kernel x 7 families)::
 
     OMP_NUM_THREADS=1 python scripts/calibrate.py --seeds 0-19 --third-party
     python scripts/calibrate.py --report
@@ -45,10 +45,13 @@ from iqa_verify.profiles import profile_named  # noqa: E402
 from iqa_verify.registry import builtin_kernels, family, third_party_kernels  # noqa: E402
 from iqa_verify.runner import RunConfig, check  # noqa: E402
 
-FAMILIES = ("la-forward", "la-solve-v", "la-solve-k", "la-solve-q", "iqa")
+FAMILIES = ("la-forward", "gla-forward", "delta-forward", "la-solve-v", "la-solve-k", "la-solve-q", "iqa")
 DTYPES = ("float32", "bfloat16", "float16")
-ZOOS = {"la-forward": "tests.bug_zoo.la_forward", "la-solve-v": "tests.bug_zoo.la_inverse",
-        "la-solve-k": "tests.bug_zoo.la_inverse", "la-solve-q": "tests.bug_zoo.la_inverse", "iqa": "tests.bug_zoo.iqa"}
+ZOOS = {"la-forward": ("tests.bug_zoo.la_forward", "tests.bug_zoo.la_forward_varlen"),
+        "gla-forward": ("tests.bug_zoo.gla_forward", "tests.bug_zoo.gla_forward_varlen"),
+        "delta-forward": ("tests.bug_zoo.delta_forward", "tests.bug_zoo.delta_forward_varlen"),
+        "la-solve-v": ("tests.bug_zoo.la_inverse", "tests.bug_zoo.la_inverse_varlen"),
+        "la-solve-k": ("tests.bug_zoo.la_inverse",), "la-solve-q": ("tests.bug_zoo.la_inverse",), "iqa": ("tests.bug_zoo.iqa",)}
 RESULTS = ROOT / "reports" / "evidence" / "calibration_results.jsonl"
 REPORT = ROOT / "reports" / "evidence" / "calibration.md"
 PLOT = ROOT / "reports" / "evidence" / "calibration.svg"
@@ -80,7 +83,7 @@ def _correct_kernels(fam: str) -> tuple[str, ...]:
 
 
 def _planted(fam: str):
-    return [b for b in importlib.import_module(ZOOS[fam]).BUGS if b.family == fam]
+    return [b for m in ZOOS[fam] for b in importlib.import_module(m).BUGS if b.family == fam]
 
 
 def _impl_of_bug(bug) -> str:

@@ -25,6 +25,14 @@ KERNELS: dict[str, tuple[str, ...]] = {
         "tests/correct_kernels/la_inverse.py:la_solve_q_per_step_f64",
         "tests/correct_kernels/la_inverse.py:la_solve_q_per_step_svd_acc",
     ),
+    "gla-forward": (
+        "tests/correct_kernels/gla_forward.py:gla_forward_f64_parallel",
+        "tests/correct_kernels/gla_forward.py:gla_forward_identity_dg",
+    ),
+    "delta-forward": (
+        "tests/correct_kernels/delta_forward.py:delta_forward_f64_transitions",
+        "tests/correct_kernels/delta_forward.py:delta_forward_identity_dg",
+    ),
     "iqa": (
         "tests/correct_kernels/iqa.py:iqa_newton_f64",
         "tests/correct_kernels/iqa.py:iqa_picard_acc",

@@ -1,4 +1,11 @@
-"""An independent correct ``delta_forward`` kernel (SPEC §6) whose decay gradient comes from an identity.
+"""Independent correct ``delta_forward`` kernels (SPEC §6), for calibration.
+
+:func:`delta_forward_f64_transitions` multiplies by each step's transition matrix in float64,
+``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = scale S_t^T q_t`` (the matrix form,
+not the prediction-error form of the built-ins), differentiated by autograd; float64-exact up to the final
+rounding.
+
+:func:`delta_forward_identity_dg` takes its decay gradient from an identity.
 
 With ``b_t = sum_{s <= t} g_s`` the decay can be moved onto the values and queries (``S_t = exp(b_t) S~_t``,
 ``S~_t = (I - beta_t k_t k_t^T) S~_{t-1} + beta_t k_t (exp(-b_t) v_t)^T``, ``o_t = scale S~_t^T (exp(b_t) q_t)``), so::
@@ -15,11 +22,32 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["delta_forward_identity_dg", "identity_dg_kernel"]
+__all__ = ["delta_forward_f64_transitions", "delta_forward_identity_dg", "identity_dg_kernel"]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def delta_forward_f64_transitions(q, k, v, beta, g=None, initial_state=None, *, scale=1.0):
+    """The transition-matrix recurrence in float64 (autograd); o in the input dtype, the state in the
+    accumulation dtype."""
+    f64 = torch.float64
+    Q, K, V = (x.to(f64).transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
+    Beta = beta.to(f64).transpose(1, 2)  # [B, H, T]
+    decay = None if g is None else torch.exp(g.to(f64).transpose(1, 2))
+    B, H, T, D = Q.shape
+    eye = torch.eye(D, dtype=f64, device=q.device)
+    S = torch.zeros(B, H, D, V.shape[-1], dtype=f64, device=q.device) if initial_state is None else initial_state.to(f64)
+    outs = []
+    for t in range(T):
+        k_t = K[:, :, t]
+        A = eye - Beta[:, :, t, None, None] * (k_t[..., :, None] * k_t[..., None, :])
+        if decay is not None:
+            A = decay[:, :, t, None, None] * A
+        S = A @ S + (Beta[:, :, t, None] * k_t)[..., None] * V[:, :, t, None, :]
+        outs.append((Q[:, :, t, None, :] @ S).squeeze(-2))
+    return (scale * torch.stack(outs, dim=2)).transpose(1, 2).to(q.dtype), S.to(_acc(q.dtype))
 
 
 def _recurrence(Q, K, V, Beta, G, S):

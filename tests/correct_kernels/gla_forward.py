@@ -1,4 +1,10 @@
-"""An independent correct ``gla_forward`` kernel (SPEC §6) whose gate gradient comes from the GLA identity.
+"""Independent correct ``gla_forward`` kernels (SPEC §6), for calibration.
+
+:func:`gla_forward_f64_parallel` is the parallel (attention) form in float64, differentiated by autograd: with
+``b_t = sum_{s <= t} g_s`` per key dimension,
+``o_t = scale (sum_{s <= t} (q_t * exp(b_t - b_s)) . k_s  v_s  +  (q_t * exp(b_t)) . S_0)`` and
+``S_T = sum_s (exp(b_T - b_s) * k_s) v_s^T + exp(b_T) * S_0`` — no recurrence at all, float64-exact up to
+the final rounding.
 
 :func:`gla_forward_identity_dg` does what flash-linear-attention's ``chunk_gla`` does for dg, in PyTorch: the
 recurrence in the accumulation dtype forward; backward, dq, dk, dv, dS_0 by autograd with g held fixed, and the
@@ -15,11 +21,30 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gla_forward_identity_dg", "identity_dg_kernel"]
+__all__ = ["gla_forward_f64_parallel", "gla_forward_identity_dg", "identity_dg_kernel"]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def gla_forward_f64_parallel(q, k, v, g, initial_state=None, *, scale=1.0):
+    """The parallel form in float64 (autograd); o in the input dtype, the state in the accumulation dtype."""
+    f64 = torch.float64
+    Q, K, V, G = (x.to(f64).transpose(1, 2) for x in (q, k, v, g))  # [B, H, T, *]
+    T = Q.shape[2]
+    b = G.cumsum(2)  # [B, H, T, D]
+    later = ~torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # s > t: no contribution
+    diff = (b[:, :, :, None, :] - b[:, :, None, :, :]).masked_fill(later[:, :, None], float("-inf"))  # [B,H,t,s,D]
+    A = (Q[:, :, :, None, :] * torch.exp(diff) * K[:, :, None, :, :]).sum(-1)  # [B, H, t, s]
+    o = A @ V
+    last = torch.exp(b[:, :, -1:, :] - b)  # exp(b_T - b_s): [B, H, T, D]
+    S = (K * last).transpose(-1, -2) @ V
+    if initial_state is not None:
+        S0 = initial_state.to(f64)
+        o = o + (Q * torch.exp(b)) @ S0
+        S = S + torch.exp(b[:, :, -1, :])[..., None] * S0
+    return (scale * o).transpose(1, 2).to(q.dtype), S.to(_acc(q.dtype))
 
 
 def _recurrence(Q, K, V, G, S):
