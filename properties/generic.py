@@ -40,7 +40,7 @@ from iqa_verify.tolerances import Kind, tolerance
 from iqa_verify.wire import cast_keeping_layout
 
 __all__ = [
-    "shared_properties", "SHARED", "HonestRefusal", "NaturalScales", "tolerating", "cotangents_for",
+    "shared_properties", "SHARED", "HonestRefusal", "NaturalScales", "ValueNaturalScales", "tolerating", "cotangents_for",
     "CotangentLayout", "ForwardBackward", "require_finite", "run_forward_backward", "reference_forward_backward",
     "cast_keeping_layout",
 ]
@@ -50,6 +50,11 @@ Tensors = dict[str, torch.Tensor]
 NaturalScales = Callable[[Case, Tensors], Mapping[str, torch.Tensor]]
 """``(case, cotangents) -> {input name: N}``: a family's declaration of the natural scale of some gradients
 (SPEC §5; float64, the gradient's shape), added to the ``gradients`` allowance as ``eps_acc * N``."""
+
+ValueNaturalScales = Callable[[Case], Mapping[str, float]]
+"""``case -> {output name: N}``: a family's declaration of the natural scale of some outputs in ``values`` (SPEC §5):
+where standard algorithms carry the quantity through magnitudes far above its final value (the delta rule's
+state), ``eps_acc * N`` is added to the allowance of every element (:attr:`Kind.NATURAL_SCALE`)."""
 
 HonestRefusal = Callable[[PropertyContext, KernelRaised], str | None]
 """``(ctx, raised) -> note or None``: a family's declaration of when a kernel may refuse a case. Given what
@@ -179,9 +184,15 @@ def _zero_cotangents(ctx: PropertyContext) -> Tensors:
     return cotangents_for(ctx.case, {n: torch.zeros(s.shape) for n, s in ctx.family.output_contract(ctx.case).items()})
 
 
-def _value_checks(ctx: PropertyContext, outs: Tensors, ref: Tensors, base: Tensors) -> list[TensorCheck]:
-    tol = tolerance(Kind.VALUE, ctx.case.dtype)
-    return [compare(f"out/{n}", outs[n], ref[n], tol, dtype=ctx.case.dtype, baseline=base.get(n)) for n in ref]
+def _value_checks(ctx: PropertyContext, outs: Tensors, ref: Tensors, base: Tensors,
+                  natural: Mapping[str, float] | None = None) -> list[TensorCheck]:
+    dtype = ctx.case.dtype
+    tol, nat_tol = tolerance(Kind.VALUE, dtype), tolerance(Kind.NATURAL_SCALE, dtype)
+    natural = natural or {}
+    return [compare(f"out/{n}", outs[n], ref[n], tol, dtype=dtype, baseline=base.get(n),
+                    natural=torch.full(ref[n].shape, natural[n], dtype=torch.float64) if n in natural else None,
+                    natural_tol=nat_tol if n in natural else None)
+            for n in ref]
 
 
 def _grad_checks(ctx: PropertyContext, got: ForwardBackward, ref: ForwardBackward, base: ForwardBackward,
@@ -244,12 +255,13 @@ def _contract(ctx: PropertyContext) -> None:
         raise Violation("outputs break the contract:\n  " + "\n  ".join(problems))
 
 
-def _values(ctx: PropertyContext) -> None:
+def _values(ctx: PropertyContext, natural_scales: ValueNaturalScales | None = None) -> None:
     outs = ctx.call()
     _check_shapes(ctx, outs)
     ref, cots = reference_forward_backward(ctx)
     base = _baseline_forward_backward(ctx, cots)
-    ctx.require(_value_checks(ctx, outs, ref.outputs, base.outputs), "values differ from the float64 reference")
+    natural = natural_scales(ctx.case) if natural_scales is not None else None
+    ctx.require(_value_checks(ctx, outs, ref.outputs, base.outputs, natural), "values differ from the float64 reference")
 
 
 def _gradients(ctx: PropertyContext, natural_scales: NaturalScales | None = None) -> None:
@@ -397,12 +409,14 @@ SHARED = ("contract", "values", "gradients", "finite", "inputs-unchanged", "no-u
 
 
 def shared_properties(family: str, *, grad_natural_scales: NaturalScales | None = None,
-                      use: Sequence[str] | None = None,
+                      value_natural_scales: ValueNaturalScales | None = None, use: Sequence[str] | None = None,
                       honest_refusal: HonestRefusal | None = None) -> tuple[Property, ...]:
     """The shared properties with ids ``<family>/<name>``, as the family's declaration states them.
 
     - ``grad_natural_scales``: the natural scale of some gradients (:data:`NaturalScales`), added to the
       ``gradients`` allowance as ``eps_acc * N``;
+    - ``value_natural_scales``: the natural scale of some outputs (:data:`ValueNaturalScales`), added to the
+      ``values`` allowance as ``eps_acc * N``;
     - ``use``: the names (of :data:`SHARED`) the family uses, in the order given (None: all of them, in
       :data:`SHARED`'s order); a name not in :data:`SHARED` is an IqaVerifyError;
     - ``honest_refusal``: when a kernel may refuse a case (:data:`HonestRefusal`), applied to every property
@@ -414,7 +428,7 @@ def shared_properties(family: str, *, grad_natural_scales: NaturalScales | None 
     props = (
         p("contract", "output count, shapes, dtypes and device follow the contract", _contract,
           "wrong output dtype (e.g. float32 out for bf16 in), transposed state, outputs on the wrong device"),
-        p("values", "outputs equal the float64 reference", _values,
+        p("values", "outputs equal the float64 reference", partial(_values, natural_scales=value_natural_scales),
           "wrong math, scale, decay, initial/final state, ragged chunks, low-precision accumulation"),
         p("gradients", "gradients of all outputs w.r.t. every input equal the float64 reference's",
           partial(_gradients, natural_scales=grad_natural_scales),

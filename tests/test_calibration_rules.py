@@ -145,3 +145,20 @@ def test_componentwise_bound_counts_the_float64_references_own_error() -> None:
                     profile_named("ci"), seed=0)
     (res,) = [r for r in check(cfg, only=("la-solve-v/minimum-norm",)).results if r.status is not Status.SKIPPED]
     assert res.status is Status.PASSED and res.worst_ratio < 0.5
+
+
+# The false alarm a wider draw found (CI, 2026-11-29): unit keys, D = E = 1, |v| ~ 10: the state passes through
+# magnitudes up to 21 and ends at 0.064; chunked kernels (the built-in, fla's chunk_gated_delta_rule) are off by 4e-6
+# there in float32 — eps times the states they carried, ratio 1.32 against the final value's own scale.
+DELTA_SMALL_FINAL = ('{"B":1,"T":257,"H":1,"D":1,"E":1,"keys":"unit","beta":"uniform","decay":"none","initial_state":false,'
+                     '"layout":"contiguous","magnitude":1,"scale":1.0,"seed":60,"free_T":1}')
+
+
+@pytest.mark.parametrize("impl", ["iqa_verify.kernels.delta_forward_chunked:delta_forward_chunked",
+                                  "tests/correct_kernels/delta_forward.py:delta_forward_f64_transitions"])
+def test_delta_final_state_is_judged_against_the_states_it_came_through(impl: str) -> None:
+    ctx = run_one("delta-forward", impl, "values", DELTA_SMALL_FINAL)
+    state = next(c for c in ctx.checks if c.path == "out/final_state")
+    assert state.passed and state.natural_tolerance is not None and "natural scale" in state.describe()
+    # (the bf16 state it must still catch: tests/bug_zoo/delta_forward.py:state_in_input_dtype, by values, in the zoo test)
+

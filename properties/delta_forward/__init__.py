@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
-from iqa_verify.properties.delta_forward.bounds import magnitude_bounds
+from iqa_verify.properties.delta_forward.bounds import CHUNK, magnitude_bounds, state_peak
 from iqa_verify.properties.delta_forward.cases import DeltaCase, build_delta_inputs, delta_cases, pinned_delta_cases
 from iqa_verify.properties.delta_forward.natural import dg_natural_scale
 from iqa_verify.properties.generic import shared_properties
@@ -79,7 +79,8 @@ FAMILY = Family(
     differentiable=_differentiable,
     reference=_named(delta_forward_ref),
     baseline=_named(delta_forward_baseline),
-    properties=(shared_properties("delta-forward", grad_natural_scales=_natural_scales)
+    properties=(shared_properties("delta-forward", grad_natural_scales=_natural_scales,
+                                  value_natural_scales=lambda case: {"final_state": CHUNK * state_peak(case.inputs)})
                 + metamorphic_properties("delta-forward", RECURRENCE) + varlen_properties("delta-forward", RECURRENCE)),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.delta_forward_recurrent:delta_forward_recurrent",

@@ -55,9 +55,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ColumnBounds", "column_bounds", "magnitude_bounds"]
+__all__ = ["CHUNK", "ColumnBounds", "column_bounds", "magnitude_bounds", "state_peak"]
 
 F64 = torch.float64
+CHUNK = 64
+"""The chunk length of the chunked kernels in the field (fla's delta-rule kernels, the built-in): the length of
+the rounding chain a chunk-end state carries."""
 
 
 @dataclass(frozen=True)
@@ -146,3 +149,28 @@ def magnitude_bounds(inputs: Mapping[str, torch.Tensor | None], scale: float,
             + (cb.n[:, -1] * cb.m[:, -1]).sum(-1)
         out["g"] = widen * max(float(dg_direct.max()), float(dg_identity.max()))
     return out
+
+
+def state_peak(inputs: Mapping[str, torch.Tensor | None]) -> float:
+    """``max_t max |S_t|`` over the sequence (float64, exact recurrence ``S_t = exp(g_t) A_t S_{t-1} + beta_t k_t
+    v_t^T``, every batch and head): the magnitude every algorithm carries the state through. The delta rule
+    subtracts (``A_t = I - beta_t k_t k_t^T``), so the final state can be far smaller than the states before it,
+    and a kernel's rounding there is eps times those, not eps times ``|S_T|`` (measured: the built-in chunked kernel
+    and fla's ``chunk_gated_delta_rule`` both miss a final state of 0.064 by 4e-6 after states of 21, float32;
+    the step-by-step float32 recurrence by 5e-8). The natural scale of ``final_state`` in ``values`` is
+    :data:`CHUNK` times this peak: a chunked (WY / UT) kernel sums up to a chunk of corrections of the state's size
+    at once (a rounding chain of C terms; 64 in flash-linear-attention and the built-in)."""
+    q, k, v, beta = (inputs[n].detach().to(F64) for n in ("q", "k", "v", "beta"))
+    g, s0 = inputs.get("g"), inputs.get("initial_state")
+    B, T, H, D = q.shape
+    S = torch.zeros(B, H, D, v.shape[-1], dtype=F64) if s0 is None else s0.detach().to(F64).clone()
+    peak = float(S.abs().max()) if S.numel() else 0.0
+    lam = None if g is None else torch.exp(g.detach().to(F64))
+    for t in range(T):
+        if lam is not None:
+            S = lam[:, t, :, None, None] * S
+        k_t, b_t = k[:, t], beta[:, t, :, None]  # [B, H, D], [B, H, 1]
+        error = v[:, t] - (k_t.unsqueeze(-2) @ S).squeeze(-2)  # [B, H, E]
+        S = S + (b_t * k_t).unsqueeze(-1) * error.unsqueeze(-2)
+        peak = max(peak, float(S.abs().max()))
+    return peak
