@@ -37,7 +37,7 @@ from iqa_verify.properties.la_forward.cases import Layout
 from iqa_verify.properties.la_forward.natural import dg_natural_scale
 from iqa_verify.properties.la_inverse.cases import SolveCase, build_solve_inputs
 from iqa_verify.properties.la_inverse.checks import DenseSystem, analyse, backward_error_checks, forward_error_checks
-from iqa_verify.properties.recurrent_forward.packing import packing
+from iqa_verify.properties.recurrent_forward.packing import PackedCase, packing
 from iqa_verify.reference.la_inverse import Unknown, la_solve_v_dense_ref
 from iqa_verify.tolerances import Kind, tolerance
 
@@ -48,18 +48,10 @@ _NAMES = ("q", "k", "o", "g")
 
 
 @dataclass(frozen=True)
-class PackedSolve:
-    """inputs: q, k [1, T, H, D], o [1, T, H, E], g [1, T, H] (T = sum of lengths + pad; padding far from the
-    rest) and initial_state [N, H, D, E] or None, in contract order; cu_seqlens int64 [N + 1]; lengths; pad."""
-
-    inputs: dict[str, torch.Tensor | None]
-    cu_seqlens: torch.Tensor
-    lengths: tuple[int, ...]
-    pad: int
-
-    @property
-    def end(self) -> int:
-        return int(sum(self.lengths))
+class PackedSolve(PackedCase):
+    """A :class:`~iqa_verify.properties.recurrent_forward.packing.PackedCase` of a solve: inputs q, k [1, T, H, D],
+    o [1, T, H, E], g [1, T, H] (T = sum of lengths + pad; padding far from the rest) and initial_state
+    [N, H, D, E] or None, in contract order."""
 
     def spans(self) -> list[tuple[int, int, int]]:
         cu = self.cu_seqlens.tolist()
@@ -70,9 +62,6 @@ class PackedSolve:
         a, b = (int(c) for c in self.cu_seqlens[i:i + 2].tolist())
         s0 = self.inputs["initial_state"]
         return {**{n: self.inputs[n][:, a:b] for n in _NAMES}, "initial_state": s0[i:i + 1] if s0 is not None else None}
-
-    def describe(self) -> str:
-        return f"packed lengths {list(self.lengths)} + {self.pad} padding, cu_seqlens={self.cu_seqlens.tolist()}"
 
 
 def packed_solve_case(spec: SolveCase, dtype: torch.dtype, device: torch.device) -> PackedSolve:
