@@ -20,7 +20,6 @@ family or property id, unreadable or incompatible baseline); 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from iqa_verify import cpu_share
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.family import BuiltinKernel
 from iqa_verify.gate import (
@@ -249,8 +249,7 @@ def _jobs(args: argparse.Namespace, isolation: Isolation, runs: int) -> int:
         return args.jobs
     if isinstance(isolation, InProcess):
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, runs))
+    return max(1, min(cpu_share.cores(), runs))
 
 
 def _report_runs(args: argparse.Namespace, names: Sequence[str], devices: Sequence[torch.device], out: Path,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["register", "unregister", "threads", "apply"]
+__all__ = ["register", "unregister", "cores", "threads", "apply"]
 
 _DIR = Path(tempfile.gettempdir()) / "iqa-verify-cpu-share"
 
@@ -56,11 +56,16 @@ def _live() -> int:
     return max(n, 1)
 
 
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def threads() -> int:
     """This process's share of the cores now."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cap = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else cores
-    return max(1, min(cap, cores // _live()))
+    n = cores()
+    cap = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else n
+    return max(1, min(cap, n // _live()))
 
 
 def apply() -> int:

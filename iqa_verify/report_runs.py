@@ -155,8 +155,9 @@ def _in_parallel(runs: Sequence[ReportRun], jobs: int, on_start, on_verdict) -> 
     started: list[int] = []
     complete = True
 
-    def take(timeout: float) -> bool:
-        """Handle one message if one comes within ``timeout``; False when none did."""
+    def take(timeout: float) -> Verdict | bool:
+        """Handle one message if one comes within ``timeout``: the verdict it brought, True for a start, False
+        when none came."""
         try:
             kind, i, verdict = results.get(timeout=timeout)
         except queue.Empty:
@@ -164,20 +165,21 @@ def _in_parallel(runs: Sequence[ReportRun], jobs: int, on_start, on_verdict) -> 
         if kind == "start":
             started.append(i)
             on_start(runs[i])
-        else:
-            verdicts[i] = verdict
-            on_verdict(i, verdict)
-        return True
+            return True
+        verdicts[i] = verdict
+        on_verdict(i, verdict)
+        return verdict
 
     try:
         for p in procs:
             p.start()
         quiet = 0
         while len(verdicts) < len(runs):
-            if take(0.5):
-                if any(not v.complete for v in verdicts.values()):  # a supervisor was interrupted
-                    complete = False
-                    break
+            got = take(0.5)
+            if isinstance(got, Verdict) and not got.complete:  # a supervisor was interrupted
+                complete = False
+                break
+            if got:
                 continue
             if any(p.is_alive() for p in procs):
                 continue
