@@ -68,6 +68,20 @@ UNTOLERANCED = ("contract", "inputs-unchanged", "no-uninit-reads", "deterministi
 """Properties no tolerance rule decides (bitwise or structural): ``--ratio-only`` leaves them out for correct kernels."""
 
 
+def _commit() -> str:
+    """The commit the rules were judged at (rows from older rules can be told apart and rerun)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+_COMMIT = _commit()
+
+
 def _seeds(text: str) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
@@ -135,7 +149,7 @@ def _run(role: str, impl: str, fam: str, dtype: str, seed: int, args, only=(), b
                       "budget_reached": r.budget_reached,
                       "message": (r.counterexample.message[:400] if r.counterexample else (r.error or ""))[:400]})
     return {"role": role, "impl": impl, "family": fam, "dtype": dtype, "seed": seed, "props": props,
-            "profile": prof.name, "seconds": round(time.monotonic() - started, 1)}
+            "profile": prof.name, "seconds": round(time.monotonic() - started, 1), "commit": _COMMIT}
 
 
 def run(args) -> None:
