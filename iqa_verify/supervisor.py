@@ -31,9 +31,33 @@ from typing import Any
 from iqa_verify import cpu_share, wire
 from iqa_verify.errors import IqaVerifyError
 from iqa_verify.execution import CallOutcome, ExtraCall, KernelCall, execute
+from iqa_verify.fork_server import ForkedProcess, ForkServer
 
 __all__ = ["Isolation", "Isolated", "InProcess", "KernelDied", "KernelHost", "host_for", "close_all",
-           "parse_memory"]
+           "parse_memory", "worker_start"]
+
+WORKER_START_ENV = "IQA_VERIFY_WORKER_START"
+
+
+def worker_start() -> str:
+    """How kernel workers start: ``fork`` (from this process's fork server; the default on Linux) or
+    ``fresh`` (a new interpreter each; the default elsewhere), from $IQA_VERIFY_WORKER_START."""
+    value = os.environ.get(WORKER_START_ENV, "").strip().lower()
+    if value in ("", "default"):
+        return "fork" if sys.platform.startswith("linux") else "fresh"
+    if value not in ("fork", "fresh"):
+        raise IqaVerifyError(f"{WORKER_START_ENV}={value!r}: must be fork or fresh")
+    return value
+
+
+_FORK_SERVER: ForkServer | None = None
+
+
+def _fork_server() -> ForkServer:
+    global _FORK_SERVER
+    if _FORK_SERVER is None:
+        _FORK_SERVER = ForkServer()
+    return _FORK_SERVER
 
 
 @dataclass(frozen=True)
@@ -124,18 +148,24 @@ class _WorkerHost(KernelHost):
     def start(self) -> None:
         """Start the worker and wait until the kernel is loaded (IqaVerifyError when it cannot be).
 
-        A fresh interpreter (``python -m iqa_verify.worker``, as spawn does, but without re-running the
-        caller's ``__main__``) in this process's folder and environment, talking over a socket pair."""
+        Forked by this process's fork server (:mod:`iqa_verify.fork_server`: torch already imported, so
+        milliseconds), or a fresh interpreter (``python -m iqa_verify.worker``, as spawn does, but without
+        re-running the caller's ``__main__``); either way in this process's folder and environment, talking
+        over a socket pair. See :func:`worker_start`."""
         from iqa_verify.worker import receive
 
         parent, child = socket.socketpair()
-        # the environment as it is (PYTHONPATH included), not this process's sys.path: folders the supervisor
-        # added for its own imports (a kernel file's folder, say) could shadow packages in the worker
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "iqa_verify.worker", str(child.fileno()), self.impl, str(self.max_memory or 0),
-             str(os.getpid())],
-            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+        proc: subprocess.Popen | ForkedProcess | None = None
+        if worker_start() == "fork":
+            proc = _fork_server().fork(child.fileno(), self.impl, self.max_memory)
+        if proc is None:
+            # the environment as it is (PYTHONPATH included), not this process's sys.path: folders the supervisor
+            # added for its own imports (a kernel file's folder, say) could shadow packages in the worker
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "iqa_verify.worker", str(child.fileno()), self.impl,
+                 str(self.max_memory or 0), str(os.getpid())],
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True,
+            )
         child.close()
         self._proc, self._conn = proc, Connection(parent.detach())
         self._busy = False
@@ -159,6 +189,8 @@ class _WorkerHost(KernelHost):
             code = proc.wait(5)
         except subprocess.TimeoutExpired:
             return "still running"
+        if getattr(proc, "lost", False):
+            return "ended (how is unknown: its fork server ended first, with the exit status)"
         return f"exited with status {code}" if code >= 0 else f"was killed by {_signal_name(-code)}"
 
     def _end(self) -> None:
@@ -222,9 +254,9 @@ class _WorkerHost(KernelHost):
         except (EOFError, OSError):
             what = self._exit_text()
             self._end()
-            kind_ = "exit" if "exited" in what else "signal"
-            hint = " (a kernel must return its outputs, never end the process)" if kind_ == "exit" else (
-                " (an invalid memory access, an abort or the out-of-memory killer)")
+            kind_ = "exit" if "exited" in what else ("signal" if "killed" in what else "lost")
+            hint = {"exit": " (a kernel must return its outputs, never end the process)",
+                    "signal": " (an invalid memory access, an abort or the out-of-memory killer)"}.get(kind_, "")
             raise KernelDied(f"the kernel process {what} during {during}{hint}", kind_) from None
         self._busy = False
         outcome = CallOutcome(**wire.unpack(*payload))
@@ -264,6 +296,8 @@ def close_all() -> None:
     while _POOL:
         _, host = _POOL.popitem()
         host.close()
+    if _FORK_SERVER is not None:
+        _FORK_SERVER.close()
     cpu_share.unregister()
 
 

@@ -1,8 +1,10 @@
 """The kernel worker: a separate process that loads the kernel under test and runs the calls it is sent.
 
-Started as a fresh interpreter (``python -m iqa_verify.worker FD IMPL MAX_MEMORY SUPERVISOR_PID``, as
-spawn would; CUDA does not survive fork) by :mod:`iqa_verify.supervisor`, in a session of its own, it ignores SIGINT (the
-user's Ctrl-C is the supervisor's to handle; it then ends this process), sends what the kernel prints to
+Forked by the supervisor's fork server (:mod:`iqa_verify.fork_server`, which has imported torch but never
+touched CUDA) or started as a fresh interpreter (``python -m iqa_verify.worker FD IMPL MAX_MEMORY
+SUPERVISOR_PID``, as spawn would) by :mod:`iqa_verify.supervisor`, named ``iqa-kernel``, in a session of its
+own, it ignores SIGINT (the user's Ctrl-C is the supervisor's to handle; it then ends this process), sends
+what the kernel prints to
 a file that is read back after each call, optionally caps its own address space, and answers each
 request with a :class:`~iqa_verify.execution.CallOutcome`. It decides nothing: whatever the kernel does
 to this process (exit, crash, hang) the supervisor sees from outside.
@@ -70,9 +72,23 @@ def _limit_memory(max_bytes: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
 
 
+PROCESS_NAME = b"iqa-kernel"
+"""The worker's process name (``ps``, ``top``, ``pgrep -x iqa-kernel``), however it was started."""
+
+
+def _name_process() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(PROCESS_NAME), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):  # not Linux: keep the interpreter's name
+        pass
+
+
 def main(conn: Connection, impl: str, max_memory: int | None, supervisor_pid: int) -> None:
     """Load ``impl`` and serve requests until told to stop or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _name_process()
     capture = _Capture()
     import torch
 

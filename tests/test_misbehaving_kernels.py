@@ -26,6 +26,7 @@ from iqa_verify.profiles import profile_named
 from iqa_verify.registry import family
 from iqa_verify.runner import RunConfig, check
 from iqa_verify.supervisor import Isolated
+from tests.processes import descendants, gone, kernel_workers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ZOO = "tests/bug_zoo/misbehaving.py"
@@ -163,28 +164,29 @@ def test_the_users_interrupt_stops_the_run_and_ends_the_worker(tmp_path):
         [sys.executable, "-m", "iqa_verify", "check", f"{ZOO}:hangs_on_one_shape", "--family", "la-forward",
          "--only", "la-forward/values", "--report", str(tmp_path), "--example-timeout", "100"],
         cwd=REPO_ROOT, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    workers: list[str] = []
+    workers: list[int] = []
     deadline = time.monotonic() + 240
     while not workers and time.monotonic() < deadline:  # wait for the worker (a loaded machine starts slowly)
         time.sleep(1)
-        workers = subprocess.run(["pgrep", "-f", f"iqa_verify.worker .* {ZOO}:hangs_on_one_shape"],
-                                 capture_output=True, text=True).stdout.split()
+        workers = kernel_workers(proc.pid)
     assert workers, "the kernel worker never started"
     time.sleep(15)  # the pinned cases reach the shape it hangs on
+    started = descendants(proc.pid)  # the worker and what started it (the fork server, by default)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["complete"] is False
     time.sleep(1)
-    for pid in workers:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert all(gone(pid) for pid in started), [(pid, Path(f"/proc/{pid}/cmdline").read_bytes()) for pid in started
+                                               if not gone(pid)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path: needs an NVIDIA GPU (none on this machine)")
 @pytest.mark.parametrize("kernel, passes", [("reseeds_global_rng", True), ("exits_zero", False), ("hard_exit", False)])
 def test_isolation_on_cuda(kernel, passes):
-    """On CUDA the worker owns its own context (started fresh, never forked): tensors travel to and from it
+    """On CUDA the worker owns its own context (a fresh interpreter, or forked from a fork server that never
+    initialised CUDA): tensors travel to and from it
     with their layouts, and a dying kernel leaves the supervisor's context untouched."""
     cfg = RunConfig(family("la-forward"), None, f"{ZOO}:{kernel}", torch.float32, torch.device("cuda"),
                     profile_named("smoke"), isolation=Isolated(example_timeout_s=60))

@@ -14,6 +14,7 @@ from pathlib import Path
 from iqa_verify.outcomes import Status
 from iqa_verify.report_runs import ReportRun, execute, run_all
 from iqa_verify.supervisor import InProcess, Isolated
+from tests.processes import descendants, gone, kernel_workers
 
 CHUNKED = "iqa_verify.kernels.gla_forward_chunked:gla_forward_chunked"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -58,10 +59,6 @@ def test_a_supervisor_that_dies_fails_its_own_run_and_the_others_go_on(tmp_path)
     assert verdicts[1].passed
 
 
-def _pids(pattern: str) -> list[str]:
-    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-
-
 def test_the_users_interrupt_ends_every_supervisor_and_worker_and_keeps_what_finished(tmp_path) -> None:
     """SIGTERM (or Ctrl-C) to ``report --jobs 2``: exit 130, a report marked incomplete with the runs that
     were under way (incomplete), and no supervisor or kernel worker left behind."""
@@ -70,14 +67,14 @@ def test_the_users_interrupt_ends_every_supervisor_and_worker_and_keeps_what_fin
         [sys.executable, "-m", "iqa_verify", "report", "--family", "la-forward", "--dtype", "float32", "float64",
          "--profile", "smoke", "--out", str(tmp_path), "--jobs", "2", "--example-timeout", "100", "--impl", HANGS],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    workers: list[str] = []
+    workers: list[int] = []
     deadline = time.monotonic() + 240
     while len(workers) < 2 and time.monotonic() < deadline:  # both supervisors have their worker
         time.sleep(1)
-        workers = _pids(f"iqa_verify.worker .* {HANGS}")
+        workers = kernel_workers(proc.pid)
     assert len(workers) == 2, "the kernel workers never started"
-    supervisors = [c for c in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
     time.sleep(10)  # the pinned cases reach the shape it hangs on
+    started = descendants(proc.pid)  # supervisors, their fork servers, the workers
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
@@ -86,5 +83,4 @@ def test_the_users_interrupt_ends_every_supervisor_and_worker_and_keeps_what_fin
     assert sorted(v["dtype"] for v in report["verdicts"]) == ["float32", "float64"]
     assert not any(v["complete"] for v in report["verdicts"])
     time.sleep(1)
-    for pid in workers + supervisors:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), pid
+    assert all(gone(pid) for pid in started), [pid for pid in started if not gone(pid)]
