@@ -1,4 +1,6 @@
-"""Every built-in kernel of every family holds every property, in every dtype its family is verified in (ci profile).
+"""Every built-in kernel of every family holds every property, in every dtype its family is verified in (ci profile;
+Triton kernels in the interpreter: float32 and bfloat16 by default, the rest under ``-m slow``, see
+``INTERPRETED_DTYPES``).
 
 One test per kernel x family x dtype runs one search over all the family's properties (engine v2: each case is
 built and evaluated once for every property), as ``iqa-verify check`` does; a failing property is shrunk alone
@@ -21,21 +23,33 @@ from iqa_verify.pytest_plugin import failure_text
 from iqa_verify.registry import FAMILIES, builtin_kernels, family
 from iqa_verify.runner import RunConfig, check
 
+INTERPRETED_DTYPES = ("float32", "bfloat16")
+"""Dtypes the default run verifies Triton kernels in when they run in Triton's interpreter (CPU, no GPU): there
+each call is emulated in numpy, 50-60 s per dtype for la-forward, and float16/float64 check numpy's arithmetic
+rather than a GPU's. ``pytest -m slow`` runs the other dtypes there too; on CUDA every dtype runs by default, and
+``iqa-verify report`` (the main job) verifies every built-in in every dtype either way."""
+
 SLOW = {f"{fam}/{name}" for fam in ("gla-forward", "delta-forward")
         for name in ("state-handoff", "causality", "sequence-independence", "varlen-values", "varlen-gradients",
                      "varlen-one-by-one")}
 """Properties searched here only under ``-m slow`` (see the module docstring)."""
 
 
-def _items(marks=()):
-    """(kernel, family name, dtype name) for every built-in kernel of every registered family."""
+def _items(marks=(), interpreted_all_dtypes: bool = True):
+    """(kernel, family name, dtype name) for every built-in kernel of every registered family (interpreted
+    Triton kernels only in ``INTERPRETED_DTYPES`` unless ``interpreted_all_dtypes``)."""
     for name in FAMILIES:
         fam = family(name)
         for kernel in builtin_kernels(name):
             short = kernel.impl.rsplit(":", 1)[-1]
+            interpreted = kernel.profile == "smoke"  # the Triton provider's hint when it interprets
             for dtype in fam.dtypes:
                 dname = str(dtype).removeprefix("torch.")
-                yield pytest.param(kernel, name, dname, id=f"{name}[{short}-{dname}]", marks=marks)
+                slow_here = interpreted and dname not in INTERPRETED_DTYPES
+                if slow_here and not interpreted_all_dtypes:
+                    continue
+                yield pytest.param(kernel, name, dname, id=f"{name}[{short}-{dname}]",
+                                   marks=(*marks, pytest.mark.slow) if slow_here else marks)
 
 
 def _verify(kernel, family_name: str, dtype: str, *, only=(), skip=()) -> None:
@@ -56,6 +70,7 @@ def test_builtin_kernel_holds_every_property(kernel, family_name: str, dtype: st
 
 
 @pytest.mark.parametrize(("kernel", "family_name", "dtype"),
-                         [p for p in _items(marks=(pytest.mark.slow,)) if p.values[1] in ("gla-forward", "delta-forward")])
+                         [p for p in _items(marks=(pytest.mark.slow,), interpreted_all_dtypes=False)
+                          if p.values[1] in ("gla-forward", "delta-forward")])
 def test_builtin_kernel_holds_the_reference_free_properties(kernel, family_name: str, dtype: str) -> None:
     _verify(kernel, family_name, dtype, only=[p.id for p in family(family_name).properties if p.id in SLOW])
