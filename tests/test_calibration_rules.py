@@ -162,3 +162,13 @@ def test_delta_final_state_is_judged_against_the_states_it_came_through(impl: st
     assert state.passed and state.natural_tolerance is not None and "natural scale" in state.describe()
     # (the bf16 state it must still catch: tests/bug_zoo/delta_forward.py:state_in_input_dtype, by values, in the zoo test)
 
+
+
+def test_delta_packed_final_states_are_judged_against_the_states_each_came_through() -> None:
+    """The same rule per sequence of a packed batch (``varlen-values``): each final state gets its own sequence's
+    natural scale (``RecurrentForward.final_state_natural``), so one sequence's large states do not widen another's."""
+    ctx = run_one("delta-forward", "iqa_verify.kernels.delta_forward_chunked:delta_forward_chunked", "varlen-values",
+                  DELTA_SMALL_FINAL)
+    state = next(c for c in ctx.checks if c.path == "out/final_state")
+    assert state.passed and state.natural_tolerance is not None and "natural scale" in state.describe()
+    # (the packed-state planted bugs stay caught: tests/bug_zoo/delta_forward_varlen.py, in the zoo tests)

@@ -44,6 +44,7 @@ RECURRENCE = RecurrentForward(
     bounds=magnitude_bounds,
     reference=delta_forward_ref,
     baseline=delta_forward_baseline,
+    final_state_natural=lambda inputs: CHUNK * state_peak(inputs),  # see bounds.state_peak
 )
 """What the reference-free and packed-batch properties need to know about ``delta-forward`` (g may be None)."""
 
@@ -80,7 +81,7 @@ FAMILY = Family(
     reference=_named(delta_forward_ref),
     baseline=_named(delta_forward_baseline),
     properties=(shared_properties("delta-forward", grad_natural_scales=_natural_scales,
-                                  value_natural_scales=lambda case: {"final_state": CHUNK * state_peak(case.inputs)})
+                                  value_natural_scales=lambda case: {"final_state": RECURRENCE.final_state_natural(case.inputs)})
                 + metamorphic_properties("delta-forward", RECURRENCE) + varlen_properties("delta-forward", RECURRENCE)),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.delta_forward_recurrent:delta_forward_recurrent",

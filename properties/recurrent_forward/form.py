@@ -63,6 +63,9 @@ class RecurrentForward:
     bounds: the family's magnitude bounds (:data:`Bounds`).
     reference: the float64 reference with the contract's signature, taking ``cu_seqlens``.
     baseline: the same-precision baseline, with the same signature.
+    final_state_natural: ``f(inputs of one sequence) -> float``, the natural scale of its final state where
+        standard algorithms form it as a difference of larger terms (the delta rule: the states it came through),
+        or None; ``values`` and ``varlen-values`` (per sequence) add ``NATURAL_SCALE`` eps times it to the allowance.
     """
 
     time_inputs: tuple[str, ...]
@@ -71,6 +74,7 @@ class RecurrentForward:
     bounds: Bounds
     reference: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     baseline: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    final_state_natural: Callable[[Mapping[str, torch.Tensor | None]], float] | None = None
 
     def __post_init__(self) -> None:
         missing = [n for n in self.time_inputs if n not in self.far]

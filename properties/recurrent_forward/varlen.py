@@ -5,7 +5,8 @@ with the ``cu_seqlens`` keyword; a kernel without it is "not varlen-capable" and
 applicable to it (n/a, neither pass nor fail). ids ``<family>/<name>``:
 
 - ``varlen-values``: o before ``cu[N]`` and the N final states equal the per-sequence float64 reference
-  (VALUE tolerance and baseline rule).
+  (VALUE tolerance and baseline rule; each final state with its sequence's natural scale where the family
+  declares one, ``RecurrentForward.final_state_natural``).
 - ``varlen-gradients``: gradients equal the reference's (GRAD tolerance); at padding positions they must be
   zero although the cotangents there are not (padding outputs are not judged, nothing may flow from them).
 - ``varlen-one-by-one``: the packed call equals each sequence run alone (a plain call), values and
@@ -47,6 +48,13 @@ def _expect(outs, p: PackedCase, what: str) -> None:
     expect_shapes(outs, p.inputs, f"{what} ({p.describe()})", states=len(p.lengths))
 
 
+def _sequence(p: PackedCase, i: int, a: int, b: int) -> dict[str, torch.Tensor | None]:
+    """The inputs of sequence ``i`` (positions ``a:b``) alone: a batch of one, its own initial state."""
+    s0 = p.inputs["initial_state"]
+    return {n: (s0[i:i + 1] if s0 is not None else None) if n == "initial_state" else
+            (t[:, a:b] if t is not None else None) for n, t in p.inputs.items()}
+
+
 def _reference(fn, p: PackedCase, scale: float, cots: dict[str, torch.Tensor] | None, upcast: bool):
     """fn (reference or baseline) on the packed case; with cotangents, its gradients by input name."""
     inputs = {n: (t.detach().to(torch.float64) if upcast else t.detach()) if t is not None else None
@@ -72,9 +80,15 @@ def _varlen_values(form: RecurrentForward, ctx: PropertyContext) -> None:
     ref, _ = _reference(form.reference, p, scale, None, upcast=True)
     base, _ = _reference(form.baseline, p, scale, None, upcast=False)
     tol, dtype, end = tolerance(Kind.VALUE, case.dtype), case.dtype, p.end
+    natural = None
+    if form.final_state_natural is not None:  # each sequence's final state against the states it came through
+        cu = p.cu_seqlens.tolist()
+        natural = torch.stack([torch.full(ref["final_state"].shape[1:], form.final_state_natural(_sequence(p, i, a, b)),
+                                          dtype=torch.float64) for i, (a, b) in enumerate(zip(cu, cu[1:]))])
     checks = [
         compare("out/o[:, :cu[N]]", outs["o"][:, :end], ref["o"][:, :end], tol, dtype=dtype, baseline=base["o"][:, :end]),
-        compare("out/final_state", outs["final_state"], ref["final_state"], tol, dtype=dtype, baseline=base["final_state"]),
+        compare("out/final_state", outs["final_state"], ref["final_state"], tol, dtype=dtype, baseline=base["final_state"],
+                natural=natural, natural_tol=tolerance(Kind.NATURAL_SCALE, dtype) if natural is not None else None),
     ]
     ctx.require(checks, f"packed batch ({p.describe()}) differs from the per-sequence float64 reference")
 
@@ -129,8 +143,7 @@ def _varlen_one_by_one(form: RecurrentForward, ctx: PropertyContext) -> None:
     against = "the sequence run alone (a plain call)"
     s0 = p.inputs["initial_state"]
     for i, (a, b) in enumerate(zip(cu, cu[1:])):
-        xi = {n: (s0[i:i + 1] if s0 is not None else None) if n == "initial_state" else
-              (t[:, a:b] if t is not None else None) for n, t in p.inputs.items()}
+        xi = _sequence(p, i, a, b)
         ci = {"o": cots["o"][:, a:b], "final_state": cots["final_state"][i:i + 1]}
         alone = copied_run(ctx, xi, ci, dict(case.kwargs))
         bound = form.bounds(xi, scale, ci)
