@@ -40,14 +40,13 @@ from iqa_verify.gate import (
     load_baseline,
     write_baseline,
 )
-from iqa_verify.loading import load_kernel
 from iqa_verify.outcomes import PropertyResult, Status, Verdict
 from iqa_verify.profiles import PROFILES, profile_named
 from iqa_verify.registry import FAMILIES, builtin_kernels, family, optional_kernels, third_party_kernels
 from iqa_verify.report import append_step_summary, summary_rows, write_report
 from iqa_verify.report_runs import ReportRun, execute, run_all
 from iqa_verify.runner import DEFAULT_DB, RunConfig, check, example_database
-from iqa_verify.supervisor import InProcess, Isolated, Isolation, close_all, host_for, parse_memory
+from iqa_verify.supervisor import InProcess, Isolated, Isolation, close_all, load, parse_memory
 
 __all__ = ["main"]
 
@@ -132,14 +131,6 @@ def _isolation(args: argparse.Namespace) -> Isolation:
     return Isolated(args.example_timeout, parse_memory(args.max_memory) if args.max_memory else None)
 
 
-def _kernel(impl: str, isolation: Isolation):
-    """The kernel itself only when it runs here; an isolated kernel is loaded in its worker, started now
-    so that an IMPL that cannot load is a usage error before anything is printed."""
-    kernel = load_kernel(impl) if isinstance(isolation, InProcess) else None
-    host_for(impl, isolation, kernel)
-    return kernel
-
-
 def _cmd_check(args: argparse.Namespace) -> int:
     fam = family(args.family)
     for pid in [*args.only, *args.skip]:
@@ -148,7 +139,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         fam.spec_from_json(args.case)
     isolation = _isolation(args)
     report_dir = Path(args.report) if args.report else None
-    cfg = RunConfig(fam, _kernel(args.impl, isolation), args.impl, DTYPES[args.dtype], parse_device(args.device),
+    cfg = RunConfig(fam, load(args.impl, isolation), args.impl, DTYPES[args.dtype], parse_device(args.device),
                     profile_named(args.profile), args.seed, report_dir, time_budget_s=_budget(args.time_budget),
                     isolation=isolation, database=_database(args))
     verdict = _run(cfg, Progress(), only=args.only, skip=args.skip, case=args.case)
@@ -186,7 +177,7 @@ def _cmd_gate(args: argparse.Namespace) -> int:
         if d not in DTYPES:
             raise IqaVerifyError(f"dtype={d!r}: must be one of {', '.join(DTYPES)}")
     isolation = _isolation(args)
-    kernel = _kernel(args.impl, isolation)
+    kernel = load(args.impl, isolation)
     device = parse_device(args.device)
     progress = Progress()
     verdicts = []

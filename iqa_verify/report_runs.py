@@ -62,16 +62,14 @@ def execute(run: ReportRun, on_result: Callable[[PropertyResult], None] | None =
     cannot load, or whose worker cannot be restarted, gets a failing verdict that says why."""
     import torch
 
-    from iqa_verify.loading import load_kernel
     from iqa_verify.profiles import profile_named
     from iqa_verify.registry import family
     from iqa_verify.runner import RunConfig, check
-    from iqa_verify.supervisor import InProcess, host_for
+    from iqa_verify.supervisor import load
 
     fam = family(run.family)
     try:
-        kernel = load_kernel(run.impl) if isinstance(run.isolation, InProcess) else None
-        host_for(run.impl, run.isolation, kernel)  # type: ignore[arg-type]
+        kernel = load(run.impl, run.isolation)  # type: ignore[arg-type]
     except IqaVerifyError as exc:
         return _failed(run, "load", "the kernel loads", str(exc))
     cfg = RunConfig(fam, kernel, run.impl, getattr(torch, run.dtype), torch.device(run.device), profile_named(run.profile),

@@ -33,7 +33,7 @@ from iqa_verify.errors import IqaVerifyError
 from iqa_verify.execution import CallOutcome, ExtraCall, KernelCall, execute
 from iqa_verify.fork_server import ForkedProcess, ForkServer
 
-__all__ = ["Isolation", "Isolated", "InProcess", "KernelDied", "KernelHost", "host_for", "close_all",
+__all__ = ["Isolation", "Isolated", "InProcess", "KernelDied", "KernelHost", "host_for", "load", "close_all",
            "parse_memory", "worker_start"]
 
 WORKER_START_ENV = "IQA_VERIFY_WORKER_START"
@@ -289,6 +289,19 @@ def host_for(impl: str, isolation: Isolation, kernel: Callable[..., Any] | None 
         host._end()
         host.start()
     return host
+
+
+def load(impl: str, isolation: Isolation) -> Callable[..., Any] | None:
+    """Make ``impl`` ready to run as ``isolation`` says, so that an IMPL that cannot load is an
+    IqaVerifyError before a run starts: in-process, load it and return it; isolated, start its worker (the
+    kernel loads there) and return None."""
+    kernel = None
+    if isinstance(isolation, InProcess):
+        from iqa_verify.loading import load_kernel
+
+        kernel = load_kernel(impl)
+    host_for(impl, isolation, kernel)
+    return kernel
 
 
 def close_all() -> None:
