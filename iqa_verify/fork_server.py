@@ -236,19 +236,27 @@ def _alive(pid: int) -> bool:
         return True
 
 
+class _Unclean(OSError):
+    """The server has more than one thread after its imports: no fork from it can be clean, now or later."""
+
+
 class ForkServer:
-    """The supervisor's handle on its fork server: started lazily by :meth:`fork`, for the folder and
-    environment it was started in (a change of either starts a new one)."""
+    """The supervisor's handle on its fork server: started lazily by :meth:`fork`, for the process, folder
+    and environment it was started in (a change of any starts a new one: a supervisor forked by its user's
+    code gets a server of its own instead of sharing its parent's socket)."""
 
     READY_TIMEOUT_S = 120.0
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
         self._ctl: socket.socket | None = None
-        self._where: tuple[str, dict[str, str]] | None = None
+        self._where: tuple[int, str, dict[str, str]] | None = None
         self.starts = 0
         self.broken: str | None = None
         """Why the server cannot be used in this process (then workers start as fresh interpreters)."""
+
+    def _here(self) -> tuple[int, str, dict[str, str]]:
+        return os.getpid(), os.getcwd(), dict(os.environ)
 
     def _start(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -258,7 +266,7 @@ class ForkServer:
             stderr=subprocess.DEVNULL, start_new_session=True)
         child.close()
         self._ctl = parent
-        self._where = (os.getcwd(), dict(os.environ))
+        self._where = self._here()
         self.starts += 1
         answer = self._answer(self.READY_TIMEOUT_S)
         if answer is None or answer[0] != "ready":
@@ -266,7 +274,7 @@ class ForkServer:
             raise OSError(f"the fork server did not start ({answer!r})")
         if answer[1] != 1:
             self.close()
-            raise OSError(f"the fork server has {answer[1]} threads after importing torch (a fork would not be clean)")
+            raise _Unclean(f"the fork server has {answer[1]} threads after importing torch (a fork would not be clean)")
 
     def _answer(self, timeout: float) -> tuple[str, Any] | None:
         assert self._ctl is not None
@@ -280,8 +288,7 @@ class ForkServer:
         return pickle.loads(data) if data else None
 
     def _usable(self) -> bool:
-        return (self._proc is not None and self._proc.poll() is None
-                and self._where == (os.getcwd(), dict(os.environ)))
+        return self._proc is not None and self._proc.poll() is None and self._where == self._here()
 
     def fork(self, conn_fd: int, impl: str, max_memory: int | None) -> ForkedProcess | None:
         """A worker serving ``conn_fd`` (the child's end of its socket pair; the caller closes its copy), or
@@ -296,8 +303,9 @@ class ForkServer:
                 return self._request(conn_fd, impl, max_memory)
             except OSError as exc:
                 self.close()
-                if attempt:
+                if attempt or isinstance(exc, _Unclean):
                     self.broken = str(exc)
+                    return None
         return None
 
     def _request(self, conn_fd: int, impl: str, max_memory: int | None) -> ForkedProcess:
@@ -320,6 +328,8 @@ class ForkServer:
     def close(self) -> None:
         ctl, proc = self._ctl, self._proc
         self._ctl = self._proc = None
+        if self._where is not None and self._where[0] != os.getpid():
+            return  # inherited through a fork of the supervisor: the parent's server, not ours to end
         if ctl is not None:
             ctl.close()  # the server sees EOF and exits
         if proc is not None:

@@ -134,3 +134,36 @@ def test_the_server_ends_with_its_supervisor(tmp_path) -> None:
     while not gone(server) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert gone(server)
+
+
+def test_a_forked_supervisor_gets_a_server_of_its_own(monkeypatch) -> None:
+    """User code that forks the supervisor process (multiprocessing's fork start method) must not share the
+    parent's control socket: the child starts its own server and leaves the parent's alone."""
+    monkeypatch.delenv(supervisor.WORKER_START_ENV, raising=False)
+    host = _host()
+    server = supervisor._fork_server()
+    parent_server = server._proc.pid
+    host.close()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no torch computation here, only process plumbing
+        code = 1
+        try:
+            child_host = _host()
+            worker, parent, _ = _ask(child_host, whoami)
+            child_host.close()
+            supervisor.close_all()
+            os.write(write, f"{parent}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    child_server = int(os.read(read, 64) or b"0")
+    os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert child_server not in (0, parent_server)
+    assert server._proc.pid == parent_server and server._proc.poll() is None  # the parent's server lives on
+    host = _host()
+    assert _ask(host, whoami)[1] == parent_server
+    host.close()
