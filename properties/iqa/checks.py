@@ -116,14 +116,28 @@ def _values(ctx: PropertyContext) -> None:
     ctx.require([check], f"values differ from {rp.how}")
 
 
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at |x| (float64)."""
+    finfo = torch.finfo(dtype)
+    return finfo.eps * torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(finfo.tiny))))
+
+
 def _convex_combination(ctx: PropertyContext) -> None:
+    """Allowed outside the hull, elementwise: ``ulp(max(|lo|, |hi|))`` in the output dtype (rounding the answer
+    to the dtype moves a point of the hull by up to half of it, round-to-nearest being monotonic: allowed twice,
+    as the componentwise bound of la-solve-v does) plus the VALUE atol times the values' scale (the solver's
+    own slack: extrapolating methods such as Anderson mix iterates with weights that may be negative). Without
+    the first term every correct bf16 kernel, float64 solvers included, sat at up to 0.65 of the allowance (its
+    output's rounding alone; issue #14's headroom)."""
     y = _output(ctx).detach().to(F64)
     v = values_of(ctx.case)
     lo, hi = v.min(dim=1, keepdim=True).values, v.max(dim=1, keepdim=True).values
     outside = torch.clamp(y - hi, min=0) + torch.clamp(lo - y, min=0)
     dtype = ctx.case.dtype
-    check = compare("out/y outside [min_j V, max_j V]", outside, torch.zeros_like(outside), tolerance(Kind.VALUE, dtype),
-                    dtype=dtype, scale=_value_scale(ctx, None))
+    tol, scale = tolerance(Kind.VALUE, dtype), _value_scale(ctx, None)
+    rounding = _ulp(torch.maximum(lo.abs(), hi.abs()), dtype).expand_as(outside)
+    check = compare("out/y outside [min_j V, max_j V]", outside, torch.zeros_like(outside), tol,
+                    dtype=dtype, scale=scale + rounding / tol.atol)
     ctx.require([check], "output rows are not convex combinations of the values (softmax rows must sum to 1 over"
                          " the tokens j: check the softmax axis and the orientation K Q^T)")
 
