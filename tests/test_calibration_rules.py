@@ -172,3 +172,31 @@ def test_delta_packed_final_states_are_judged_against_the_states_each_came_throu
     state = next(c for c in ctx.checks if c.path == "out/final_state")
     assert state.passed and state.natural_tolerance is not None and "natural scale" in state.describe()
     # (the packed-state planted bugs stay caught: tests/bug_zoo/delta_forward_varlen.py, in the zoo tests)
+
+
+# Two false alarms on the built-in unrolled fixed-point kernel (ci seed 1, float16 and bfloat16; issue #14).
+IQA_V_CONVERGED = ('{"B":1,"N":2,"Din":3,"Dk":3,"E":1,"value_projection":true,"kind":"non-contractive","target":8.0,'
+                   '"transposed":false,"seed":1706}')
+IQA_SLOW_RATE = ('{"B":2,"N":2,"Din":3,"Dk":2,"E":1,"value_projection":true,"kind":"non-contractive","target":8.0,'
+                 '"transposed":false,"seed":682}')
+IQA_SLOW_RATE_BF16 = ('{"B":2,"N":2,"Din":2,"Dk":2,"E":1,"value_projection":true,"kind":"non-contractive","target":8.0,'
+                      '"transposed":false,"seed":212}')
+UNROLLED = "iqa_verify.iqa.kernel:iqa_forward_fixed_point_unrolled"
+
+
+def test_iqa_score_gradients_are_judged_on_the_siblings_scale_where_v_is_already_a_fixed_point() -> None:
+    """V itself passes fixed-point in float16 here: the solver stops at once and its output depends on neither
+    w_q nor w_k (autograd: None). The implicit dw_q, dw_k are ~5e-7 against siblings of order 0.1, below what the
+    accepted residual resolves; judged on the siblings' scale, as at the exact consensus."""
+    ctx = run_one("iqa", UNROLLED, "gradients", IQA_V_CONVERGED, dtype=torch.float16)
+    assert all(c.passed for c in ctx.checks)
+
+
+@pytest.mark.parametrize(("spec", "dtype"), [(IQA_SLOW_RATE, torch.float16),
+                                             (IQA_SLOW_RATE_BF16, torch.bfloat16)])
+def test_unrolled_gradient_is_as_converged_as_its_value(spec: str, dtype: torch.dtype) -> None:
+    """Plain iteration converging slowly (rate near 1): the unrolled gradient of k steps errs ~ k rho^k where the
+    value errs ~ rho^k. Stopping at the value's tolerance left dx off by 1.6 % in float16 (ratio 1.27, dw_k 2.0);
+    the kernel now backpropagates through k more steps."""
+    ctx = run_one("iqa", UNROLLED, "gradients", spec, dtype=dtype)
+    assert max(c.ratio for c in ctx.checks) < 0.5

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from iqa_verify.comparison import TensorCheck, compare
@@ -195,23 +197,37 @@ def _baseline_truncated(ctx: PropertyContext, g: torch.Tensor, rp: RefPoint, ste
     return {n: (gr if gr is not None else torch.zeros_like(leaves[n])).to(case.dtype) for n, gr in zip(leaves, grads)}
 
 
+def _values_pass_as_fixed_point(ctx: PropertyContext) -> bool:
+    """Whether y = V (the start of plain iteration) already passes ``fixed-point`` in the kernel's dtype: its
+    residual ``f(V) - V`` is within the RESIDUAL tolerance. A correct solver may then stop at once (zero
+    iterations), and its output depends on neither w_q nor w_k: the score gradients ``p_ij u_i·(v_j - f_i)``
+    are, relative to their terms, below what the dtype's accepted residual resolves (the scores' effect on y is
+    that small). Found as a false alarm: ``iqa_forward_fixed_point_unrolled`` in float16, ci seed 1, dw_k of
+    9.5e-7 against siblings of order 1, returned as None (issue #14)."""
+    case = ctx.case
+    v = values_of(case)
+    resid = (_map64(ctx, v) - v).abs().max()
+    return bool(resid <= tolerance(Kind.RESIDUAL, case.dtype).atol * _value_scale(ctx, None))
+
+
 def _grad_checks(ctx: PropertyContext, got: ForwardBackward, want: dict[str, torch.Tensor], rp: RefPoint,
                  base: dict[str, torch.Tensor] | None = None) -> list[TensorCheck]:
     dtype = ctx.case.dtype
     tol = tolerance(Kind.GRAD, dtype)
     base = base or {}
     siblings = max(float(w.abs().max()) for w in want.values())
+    scores_at_noise = rp.consensus or _values_pass_as_fixed_point(ctx)
     checks = []
     for n, w in want.items():
-        # dw_q, dw_k vanish exactly at the consensus (SPEC §4): judge them on the scale of the others
-        scale = siblings if rp.consensus and n in ("w_q", "w_k") else None
+        # dw_q, dw_k vanish exactly at the consensus (SPEC §4), and are below what a solver must resolve where V
+        # itself passes as a fixed point: judge them on the scale of the others there
+        scale = siblings if scores_at_noise and n in ("w_q", "w_k") else None
         g = got.grads.get(n)
         if g is None:
             c = compare(f"grad/d{n}", torch.zeros_like(w), w, tol, dtype=dtype, scale=scale, baseline=base.get(n))
             if not c.passed:
-                c = TensorCheck(path=c.path, passed=False, ratio=c.ratio, mismatches=c.mismatches, numel=c.numel,
-                                worst_index=c.worst_index, worst_abs=c.worst_abs, tolerance=tol,
-                                note=f"no gradient flows to {n} (autograd returned None) but the reference is not zero")
+                c = dataclasses.replace(
+                    c, note=f"no gradient flows to {n} (autograd returned None) but the reference is not zero")
         else:
             c = compare(f"grad/d{n}", g, w, tol, dtype=dtype, scale=scale, baseline=base.get(n))
         checks.append(c)
