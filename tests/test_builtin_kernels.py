@@ -35,9 +35,9 @@ SLOW = {f"{fam}/{name}" for fam in ("gla-forward", "delta-forward")
 """Properties searched here only under ``-m slow`` (see the module docstring)."""
 
 
-def _items(marks=(), interpreted_all_dtypes: bool = True):
+def _items(marks=()):
     """(kernel, family name, dtype name) for every built-in kernel of every registered family (interpreted
-    Triton kernels only in ``INTERPRETED_DTYPES`` unless ``interpreted_all_dtypes``)."""
+    Triton kernels outside ``INTERPRETED_DTYPES`` marked slow)."""
     for name in FAMILIES:
         fam = family(name)
         for kernel in builtin_kernels(name):
@@ -46,8 +46,6 @@ def _items(marks=(), interpreted_all_dtypes: bool = True):
             for dtype in fam.dtypes:
                 dname = str(dtype).removeprefix("torch.")
                 slow_here = interpreted and dname not in INTERPRETED_DTYPES
-                if slow_here and not interpreted_all_dtypes:
-                    continue
                 yield pytest.param(kernel, name, dname, id=f"{name}[{short}-{dname}]",
                                    marks=(*marks, pytest.mark.slow) if slow_here else marks)
 
@@ -70,7 +68,6 @@ def test_builtin_kernel_holds_every_property(kernel, family_name: str, dtype: st
 
 
 @pytest.mark.parametrize(("kernel", "family_name", "dtype"),
-                         [p for p in _items(marks=(pytest.mark.slow,), interpreted_all_dtypes=False)
-                          if p.values[1] in ("gla-forward", "delta-forward")])
+                         [p for p in _items(marks=(pytest.mark.slow,)) if p.values[1] in ("gla-forward", "delta-forward")])
 def test_builtin_kernel_holds_the_reference_free_properties(kernel, family_name: str, dtype: str) -> None:
     _verify(kernel, family_name, dtype, only=[p.id for p in family(family_name).properties if p.id in SLOW])
