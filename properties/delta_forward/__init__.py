@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
-from iqa_verify.properties.delta_forward.bounds import CHUNK, magnitude_bounds, state_peak
+from iqa_verify.properties.delta_forward.bounds import CHUNK, column_bounds, magnitude_bounds, state_peak
 from iqa_verify.properties.delta_forward.cases import DeltaCase, build_delta_inputs, delta_cases, pinned_delta_cases
 from iqa_verify.properties.delta_forward.natural import dg_natural_scale
 from iqa_verify.properties.generic import shared_properties
@@ -35,6 +35,32 @@ def _differentiable(case: Case) -> tuple[str, ...]:
     return ("q", "k", "v", "beta") + tuple(n for n in ("g", "initial_state") if case.inputs[n] is not None)
 
 
+def _grad_natural(inputs, cots, scale: float) -> dict[str, torch.Tensor]:
+    """Natural scales (SPEC §5) of two gradients:
+
+    - the decay gradient's, when the case has a decay: the sizes of the terms of
+      dg_t = sum_{s>=t} (q_s.dq_s - v_s.dv_s) + <dS_T, S_T> and of chunked kernels' chunk-local form of it
+      (see :mod:`iqa_verify.properties.delta_forward.natural`);
+    - the initial state's: ``dS_0 = lambda_1 (I - beta_1 k_1 k_1^T) dS_1`` subtracts, exactly to 0 in the
+      directions a step erases (beta = 1, a unit key: a projector), so kernels round there at eps times the
+      adjoint they projected, not at eps times dS_0. Per batch, head and value column: :data:`CHUNK` (a chunk's
+      rounding chain) x kappa x ``lambda_1 rho_1 n_1[e]``, the column bound of that adjoint
+      (:func:`~iqa_verify.properties.delta_forward.bounds.column_bounds`). Found by the calibration matrix (ci
+      seed 10): the built-in chunked kernel left 2.6e-23 where a projector makes dS_0 exactly 0, after a decay
+      of 1.4e-15; the tensor's own scale (another head's 5e-20) allowed 5e-24."""
+    x = inputs
+    out: dict[str, torch.Tensor] = {}
+    if x["g"] is not None:
+        out["g"] = dg_natural_scale(x["q"], x["k"], x["v"], x["beta"], x["g"], x["initial_state"], cots["o"],
+                                    cots["final_state"], scale=scale)
+    s0 = x["initial_state"]
+    if s0 is not None:
+        cb = column_bounds(x, scale, cots)
+        per = (cb.step[:, 0] * cb.n[:, 0]) * (CHUNK * cb.kappa)  # [B, H, E]
+        out["initial_state"] = per[:, :, None, :].expand(s0.shape).clone()
+    return out
+
+
 RECURRENCE = RecurrentForward(
     time_inputs=("q", "k", "v", "beta", "g"),
     # far keys stay unit vectors and far betas in [0, 1]: the regime of the contract (SPEC §6), where the transition
@@ -44,20 +70,15 @@ RECURRENCE = RecurrentForward(
     bounds=magnitude_bounds,
     reference=delta_forward_ref,
     baseline=delta_forward_baseline,
+    grad_natural=_grad_natural,
     final_state_natural=lambda inputs: CHUNK * state_peak(inputs),  # see bounds.state_peak
 )
 """What the reference-free and packed-batch properties need to know about ``delta-forward`` (g may be None)."""
 
 
 def _natural_scales(case: Case, cots: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The decay gradient's natural scale (SPEC §5) when the case has a decay: the sizes of the terms of
-    dg_t = sum_{s>=t} (q_s.dq_s - v_s.dv_s) + <dS_T, S_T> and of chunked kernels' chunk-local form of it
-    (see :mod:`iqa_verify.properties.delta_forward.natural`)."""
-    x = case.inputs
-    if x["g"] is None:
-        return {}
-    return {"g": dg_natural_scale(x["q"], x["k"], x["v"], x["beta"], x["g"], x["initial_state"], cots["o"],
-                                  cots["final_state"], scale=case.kwargs["scale"])}
+    """``gradients``' declaration of the same natural scales (:func:`_grad_natural`)."""
+    return _grad_natural(case.inputs, cots, case.kwargs["scale"])
 
 
 def _named(fn):

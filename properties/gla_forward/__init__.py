@@ -35,6 +35,15 @@ def _differentiable(case: Case) -> tuple[str, ...]:
     return ("q", "k", "v", "g") + (("initial_state",) if case.inputs["initial_state"] is not None else ())
 
 
+def _grad_natural(inputs, cots, scale: float) -> dict[str, torch.Tensor]:
+    """The gate gradient's natural scale (SPEC §5), per key dimension: the identity
+    dg_td = sum_{s>=t} (q_sd dq_sd - k_sd dk_sd) + <dS_T[d], S_T[d]> that the GLA paper and chunked kernels use
+    (see :mod:`iqa_verify.properties.gla_forward.natural`)."""
+    x = inputs
+    return {"g": dg_natural_scale(x["q"], x["k"], x["v"], x["g"], x["initial_state"], cots["o"], cots["final_state"],
+                                  scale=scale)}
+
+
 RECURRENCE = RecurrentForward(
     time_inputs=("q", "k", "v", "g"),
     far={"q": Far.SCALED, "k": Far.SCALED, "v": Far.SCALED, "g": Far.LOG_GATE},  # g [B, T, H, D]: every dimension strong
@@ -42,17 +51,14 @@ RECURRENCE = RecurrentForward(
     bounds=magnitude_bounds,
     reference=gla_forward_ref,
     baseline=gla_forward_baseline,
+    grad_natural=_grad_natural,
 )
 """What the reference-free and packed-batch properties need to know about ``gla-forward``."""
 
 
 def _natural_scales(case: Case, cots: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The gate gradient's natural scale (SPEC §5), per key dimension: the identity
-    dg_td = sum_{s>=t} (q_sd dq_sd - k_sd dk_sd) + <dS_T[d], S_T[d]> that the GLA paper and chunked kernels use
-    (see :mod:`iqa_verify.properties.gla_forward.natural`)."""
-    x = case.inputs
-    return {"g": dg_natural_scale(x["q"], x["k"], x["v"], x["g"], x["initial_state"], cots["o"], cots["final_state"],
-                                  scale=case.kwargs["scale"])}
+    """``gradients``' declaration of the same natural scales (:func:`_grad_natural`)."""
+    return _grad_natural(case.inputs, cots, case.kwargs["scale"])
 
 
 def _named(fn):

@@ -34,12 +34,12 @@ def _differentiable(case: Case) -> tuple[str, ...]:
     return ("q", "k", "v", "g") + (("initial_state",) if case.inputs["initial_state"] is not None else ())
 
 
-def _natural_scales(case: Case, cots: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _grad_natural(inputs, cots, scale: float) -> dict[str, torch.Tensor]:
     """The decay gradient's natural scale (SPEC §5): the identity dg_t = sum_{s>=t} (q·dq - k·dk) + <dS_T, S_T>
     that standard kernels use (see :mod:`iqa_verify.properties.la_forward.natural`)."""
-    x = case.inputs
+    x = inputs
     return {"g": dg_natural_scale(x["q"], x["k"], x["v"], x["g"], x["initial_state"], cots["o"], cots["final_state"],
-                                  scale=case.kwargs["scale"])}
+                                  scale=scale)}
 
 
 RECURRENCE = RecurrentForward(
@@ -49,8 +49,14 @@ RECURRENCE = RecurrentForward(
     bounds=magnitude_bounds,
     reference=la_forward_ref,
     baseline=la_forward_baseline,
+    grad_natural=_grad_natural,
 )
 """What the reference-free and packed-batch properties need to know about ``la-forward``."""
+
+
+def _natural_scales(case: Case, cots: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``gradients``' declaration of the same natural scales (:func:`_grad_natural`)."""
+    return _grad_natural(case.inputs, cots, case.kwargs["scale"])
 
 
 def _named(fn):

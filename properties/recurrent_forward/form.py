@@ -66,6 +66,9 @@ class RecurrentForward:
     final_state_natural: ``f(inputs of one sequence) -> float``, the natural scale of its final state where
         standard algorithms form it as a difference of larger terms (the delta rule: the states it came through),
         or None; ``values`` and ``varlen-values`` (per sequence) add ``NATURAL_SCALE`` eps times it to the allowance.
+    grad_natural: ``f(inputs, cotangents, scale) -> {input name: N}`` (float64, the input's shape), the natural
+        scale of gradients standard algorithms form as differences of larger terms (the decay gradient's
+        identity), or None; ``gradients`` and ``varlen-gradients`` (per sequence) add ``NATURAL_SCALE`` eps times N.
     """
 
     time_inputs: tuple[str, ...]
@@ -75,6 +78,8 @@ class RecurrentForward:
     reference: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     baseline: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     final_state_natural: Callable[[Mapping[str, torch.Tensor | None]], float] | None = None
+    grad_natural: Callable[[Mapping[str, torch.Tensor | None], Mapping[str, torch.Tensor], float],
+                           Mapping[str, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         missing = [n for n in self.time_inputs if n not in self.far]

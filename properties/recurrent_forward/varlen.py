@@ -7,8 +7,9 @@ applicable to it (n/a, neither pass nor fail). ids ``<family>/<name>``:
 - ``varlen-values``: o before ``cu[N]`` and the N final states equal the per-sequence float64 reference
   (VALUE tolerance and baseline rule; each final state with its sequence's natural scale where the family
   declares one, ``RecurrentForward.final_state_natural``).
-- ``varlen-gradients``: gradients equal the reference's (GRAD tolerance); at padding positions they must be
-  zero although the cotangents there are not (padding outputs are not judged, nothing may flow from them).
+- ``varlen-gradients``: gradients equal the reference's (GRAD tolerance, with the family's gradient natural
+  scales per sequence, ``RecurrentForward.grad_natural``); at padding positions they must be zero although the
+  cotangents there are not (padding outputs are not judged, nothing may flow from them).
 - ``varlen-one-by-one``: the packed call equals each sequence run alone (a plain call), values and
   gradients, with padding inputs far from the rest that must change nothing (``Kind.METAMORPHIC``, no
   reference: runs at the spec's ``free_T`` when it has one).
@@ -53,6 +54,23 @@ def _sequence(p: PackedCase, i: int, a: int, b: int) -> dict[str, torch.Tensor |
     s0 = p.inputs["initial_state"]
     return {n: (s0[i:i + 1] if s0 is not None else None) if n == "initial_state" else
             (t[:, a:b] if t is not None else None) for n, t in p.inputs.items()}
+
+
+def _grad_natural(form: RecurrentForward, p: PackedCase, cots: dict[str, torch.Tensor],
+                  scale: float) -> dict[str, torch.Tensor]:
+    """The family's gradient natural scales (``RecurrentForward.grad_natural``), sequence by sequence, laid out
+    like the packed inputs (0 at padding)."""
+    if form.grad_natural is None:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    cu = p.cu_seqlens.tolist()
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        ci = {"o": cots["o"][:, a:b], "final_state": cots["final_state"][i:i + 1]}
+        for n, nat in form.grad_natural(_sequence(p, i, a, b), ci, scale).items():
+            full = out.setdefault(n, torch.zeros(p.inputs[n].shape, dtype=torch.float64))
+            where = full[i:i + 1] if n == "initial_state" else full[:, a:b]  # a state per sequence, else time
+            where.copy_(nat.to(torch.float64).reshape(where.shape))
+    return out
 
 
 def _reference(fn, p: PackedCase, scale: float, cots: dict[str, torch.Tensor] | None, upcast: bool):
@@ -105,6 +123,8 @@ def _varlen_gradients(form: RecurrentForward, ctx: PropertyContext) -> None:
     _, base = _reference(form.baseline, p, scale, cots, upcast=False)
     tol, dtype, end = tolerance(Kind.GRAD, case.dtype), case.dtype, p.end
     siblings = max(float(r.abs().max()) for r in ref.values() if r is not None and r.numel())
+    natural = _grad_natural(form, p, cots, scale)
+    nat_tol = tolerance(Kind.NATURAL_SCALE, dtype) if natural else None
     checks: list[TensorCheck] = []
     for n, r in ref.items():
         g = grad_or_zeros(got, n, p.inputs[n])
@@ -112,13 +132,16 @@ def _varlen_gradients(form: RecurrentForward, ctx: PropertyContext) -> None:
         b = base.get(n)
         if n == "initial_state":
             zero = not bool(r.abs().max() > 0)
-            checks.append(compare("grad/dinitial_state", g, r, tol, dtype=dtype, baseline=b, scale=siblings if zero else None))
+            checks.append(compare("grad/dinitial_state", g, r, tol, dtype=dtype, baseline=b, scale=siblings if zero else None,
+                                  natural=natural.get(n), natural_tol=nat_tol if n in natural else None))
             continue
         # a gradient exactly 0 in theory (dg of a length-1 sequence without S0) is judged against the scale of
         # its siblings, not its own round-off, as the gradients property does
         zero = not bool(r[:, :end].abs().max() > 0)
         checks.append(compare(f"grad/d{n}[:, :cu[N]]", g[:, :end], r[:, :end], tol, dtype=dtype,
-                              baseline=None if b is None else b[:, :end], scale=siblings if zero else None))
+                              baseline=None if b is None else b[:, :end], scale=siblings if zero else None,
+                              natural=natural[n][:, :end] if n in natural else None,
+                              natural_tol=nat_tol if n in natural else None))
         if p.pad:
             # exactly 0 in theory: judged against the scale of the real gradients, as generic does for dg at T = 1
             checks.append(compare(f"grad/d{n}[:, cu[N]:] (padding)", g[:, end:], r[:, end:], tol, dtype=dtype,

@@ -33,6 +33,8 @@ def _recurrent(q, k, v, beta, g, initial_state, scale, bug: str = ""):
     if gh is not None and bug == "decay-not-differentiated":
         gh = gh.detach()
     S = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+    if bug == "initial-state-not-differentiated":
+        S = S.detach()
     outs = []
     for t in range(T):
         k_t, b_t = kh[:, :, t], bh[:, :, t, None]
@@ -156,6 +158,7 @@ keys_normalised_inside = _recurrent_bug("keys-normalised-inside")
 state_in_input_dtype = _recurrent_bug("state-in-input-dtype")
 beta_not_differentiated = _recurrent_bug("beta-not-differentiated")
 decay_not_differentiated = _recurrent_bug("decay-not-differentiated")
+initial_state_not_differentiated = _recurrent_bug("initial-state-not-differentiated")
 
 
 def wy_correction_dropped_at_chunk_boundary(q, k, v, beta, g=None, initial_state=None, *, scale=1.0):
@@ -232,6 +235,9 @@ BUGS: tuple[PlantedBug, ...] = (
     _bug("state_in_input_dtype", "bfloat16", (_p("values"),), "state accumulated in bf16"),
     _bug("beta_not_differentiated", "float32", (_p("gradients"),), "no gradient to beta", "grad/dbeta"),
     _bug("decay_not_differentiated", "float32", (_p("gradients"),), "no gradient to the decay", "grad/dg"),
+    # judged with dS_0's natural scale (the adjoint a step projects): still far outside it
+    _bug("initial_state_not_differentiated", "float32", (_p("gradients"),), "no gradient to the initial state",
+         "grad/dinitial_state"),
     _bug("wy_correction_dropped_at_chunk_boundary", "float32", (_p("values"),),
          "the WY correction by the carried state dropped at a chunk boundary"),
     _bug("beta_clamped_in_place", "float32", (_p("inputs-unchanged"),), "modifies its input beta in place"),
