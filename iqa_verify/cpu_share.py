@@ -17,19 +17,11 @@ from pathlib import Path
 
 import torch
 
+from iqa_verify.pids import running
+
 __all__ = ["register", "unregister", "cores", "threads", "apply"]
 
 _DIR = Path(tempfile.gettempdir()) / "iqa-verify-cpu-share"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def register(pid: int | None = None) -> None:
@@ -49,7 +41,7 @@ def _live() -> int:
     except FileNotFoundError:
         return 1
     for entry in entries:
-        if entry.name.isdigit() and _alive(int(entry.name)):
+        if entry.name.isdigit() and running(int(entry.name)):
             n += 1
         else:
             entry.unlink(missing_ok=True)

@@ -35,6 +35,8 @@ import time
 import traceback
 from typing import Any
 
+from iqa_verify.pids import running
+
 __all__ = ["ForkServer", "ForkedProcess", "serve"]
 
 MESSAGE_LIMIT = 1 << 16
@@ -183,7 +185,7 @@ class ForkedProcess:
         data = os.read(self._fd, 64)
         if data:
             self.returncode = int(data)
-        elif not _alive(self.pid):  # the server is gone and the worker too: its status went with the server
+        elif not running(self.pid):  # the server is gone and the worker too: its status went with the server
             self.returncode, self.lost = -signal.SIGKILL, True
         else:
             return  # server gone, worker alive: poll the pid from now on
@@ -192,7 +194,7 @@ class ForkedProcess:
 
     def poll(self) -> int | None:
         self._read(0)
-        if self.returncode is None and self._fd is None and not _alive(self.pid):
+        if self.returncode is None and self._fd is None and not running(self.pid):
             self.returncode, self.lost = -signal.SIGKILL, True
         return self.returncode
 
@@ -219,21 +221,6 @@ class ForkedProcess:
                 os.close(self._fd)
             except OSError:
                 pass
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie is not: whoever inherited it may never reap it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 class _Unclean(OSError):

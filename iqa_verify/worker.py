@@ -25,6 +25,8 @@ import tempfile
 from multiprocessing.connection import Connection
 from typing import Any
 
+from iqa_verify.pids import running
+
 __all__ = ["main", "send", "receive"]
 
 OUTPUT_LIMIT = 4000
@@ -133,18 +135,8 @@ def main(conn: Connection, impl: str, max_memory: int | None, supervisor_pid: in
         except Exception as exc:  # an ExtraCall value that does not pickle: say so rather than die
             outcome = CallOutcome(error=None, output=outcome.output, returned=f"unsendable result: {exc}")
             send(conn, "done", wire.pack({f.name: getattr(outcome, f.name) for f in dataclasses.fields(outcome)}))
-        if supervisor_pid and not _alive(supervisor_pid):
+        if supervisor_pid and not running(supervisor_pid):
             return
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 if __name__ == "__main__":
