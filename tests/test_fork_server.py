@@ -49,7 +49,6 @@ def test_workers_are_forked_from_one_server_and_are_processes_of_their_own(monke
     starts, server_pid = server.starts, server._proc.pid
     seen = [_ask(first, whoami)]
     first.close()
-    started = time.monotonic()
     for _ in range(3):
         host = _host()
         seen.append(_ask(host, whoami))
@@ -58,7 +57,7 @@ def test_workers_are_forked_from_one_server_and_are_processes_of_their_own(monke
     assert server.starts == starts, "each worker should come from the same server"
     assert len({pid for pid, _, _ in seen}) == 4
     assert {(parent, name) for _, parent, name in seen} == {(server_pid, "iqa-kernel")}
-    assert time.monotonic() - started < 10  # three starts and calls; a fresh interpreter each takes ~3 s here
+    # how much faster than fresh interpreters: benchmarks/bench_worker_start.py (never timed in a test)
 
 
 def test_a_worker_sees_the_supervisors_environment_as_it_is_now(monkeypatch) -> None:
