@@ -204,10 +204,12 @@ def _values_pass_as_fixed_point(ctx: PropertyContext) -> bool:
     are, relative to their terms, below what the dtype's accepted residual resolves (the scores' effect on y is
     that small). Found as a false alarm: ``iqa_forward_fixed_point_unrolled`` in float16, ci seed 1, dw_k of
     9.5e-7 against siblings of order 1, returned as None (issue #14)."""
-    case = ctx.case
-    v = values_of(case)
-    resid = (_map64(ctx, v) - v).abs().max()
-    return bool(resid <= tolerance(Kind.RESIDUAL, case.dtype).atol * _value_scale(ctx, None))
+    def compute() -> bool:
+        v = values_of(ctx.case)
+        resid = (_map64(ctx, v) - v).abs().max()
+        return bool(resid <= tolerance(Kind.RESIDUAL, ctx.case.dtype).atol * _value_scale(ctx, None))
+
+    return ctx.memoized("iqa/values-pass-as-fixed-point", compute)  # once per case, not per diagnosed candidate
 
 
 def _grad_checks(ctx: PropertyContext, got: ForwardBackward, want: dict[str, torch.Tensor], rp: RefPoint,
