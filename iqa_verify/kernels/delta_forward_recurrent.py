@@ -52,17 +52,18 @@ def delta_forward_recurrent(
     """
     B, T, H, D, E = check_delta_forward_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
     acc = state_dtype_for(q.dtype)
-    q_, k_, v_, beta_ = q.to(acc), k.to(acc), v.to(acc), beta.to(acc)
-    decay = None if g is None else torch.exp(g.to(acc))  # [B, T, H]
+    q_, k_, v_ = q.to(acc), k.to(acc), v.to(acc)
+    bk = (beta.to(acc)[..., None] * k_)[..., None]  # [B, T, H, D, 1]: beta_t k_t for every t at once
+    decay = None if g is None else torch.exp(g.to(acc))[..., None, None]  # [B, T, H, 1, 1]
     if cu_seqlens is None:
         state = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
-        o, state = _steps(q_, k_, v_, beta_, decay, state, 0, T)
+        o, state = _steps(q_, k_, v_, bk, decay, state, 0, T)
         return (o * scale).to(q.dtype), state
     cu = [int(c) for c in cu_seqlens.tolist()]
     outs, finals = [], []
     for i, (a, b) in enumerate(zip(cu, cu[1:])):
         state = q_.new_zeros(1, H, D, E) if initial_state is None else initial_state[i : i + 1].to(acc)
-        o, state = _steps(q_, k_, v_, beta_, decay, state, a, b)
+        o, state = _steps(q_, k_, v_, bk, decay, state, a, b)
         outs.append(o)
         finals.append(state)
     if cu[-1] < T:
@@ -70,15 +71,22 @@ def delta_forward_recurrent(
     return (torch.cat(outs, dim=1) * scale).to(q.dtype), torch.cat(finals, dim=0)
 
 
-def _steps(q_, k_, v_, beta_, decay, state, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _steps(q_, k_, v_, bk, decay, state, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps ``start .. stop - 1`` from ``state`` [B, H, D, E] (accumulation dtype); returns the unscaled
-    outputs [B, stop - start, H, E] and the state after the last step."""
-    outputs = []
-    for t in range(start, stop):
-        if decay is not None:
-            state = decay[:, t, :, None, None] * state
-        k_t = k_[:, t]  # [B, H, D]
-        error = v_[:, t] - (k_t[:, :, None, :] @ state).squeeze(-2)  # v_t - S'^T k_t: [B, H, E]
-        state = state + (beta_[:, t, :, None] * k_t)[..., None] * error[:, :, None, :]
-        outputs.append((q_[:, t, :, None, :] @ state).squeeze(-2))
-    return torch.stack(outputs, dim=1), state
+    outputs [B, stop - start, H, E] and the state after the last step.
+
+    Per-step views come from one ``unbind`` each and the outputs from all states at once: the loop holds the
+    recurrence and nothing else (autograd records a few nodes per step instead of a dozen)."""
+    steps = slice(start, stop)
+    k_rows = k_[:, steps, :, None, :].unbind(1)  # [B, H, 1, D] each
+    v_rows = v_[:, steps, :, None, :].unbind(1)  # [B, H, 1, E] each
+    decays = [None] * (stop - start) if decay is None else decay[:, steps].unbind(1)
+    states = []
+    for k_t, v_t, bk_t, d_t in zip(k_rows, v_rows, bk[:, steps].unbind(1), decays):
+        if d_t is not None:
+            state = d_t * state  # S' = exp(g_t) S_{t-1}
+        error = v_t - k_t @ state  # (v_t - S'^T k_t)^T: [B, H, 1, E]
+        state = torch.addcmul(state, bk_t, error)  # S' + beta_t k_t (v_t - S'^T k_t)^T
+        states.append(state)
+    o = torch.einsum("bthd,bthde->bthe", q_[:, steps], torch.stack(states, dim=1))  # o_t = S_t^T q_t
+    return o, state

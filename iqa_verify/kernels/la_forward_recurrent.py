@@ -55,38 +55,47 @@ def la_forward_recurrent(
     """
     B, T, H, D, E = check_la_forward_inputs(q, k, v, g, initial_state, cu_seqlens)
     acc = state_dtype_for(q.dtype)
-    q_, k_, v_ = q.to(acc), k.to(acc), v.to(acc)
-    decay = torch.exp(g.to(acc))  # [B, T, H]
+    q_ = q.to(acc)
+    outer = k.to(acc)[..., :, None] * v.to(acc)[..., None, :]  # [B, T, H, D, E]: k_t v_t^T for every t at once
+    decay = torch.exp(g.to(acc))[..., None, None]  # [B, T, H, 1, 1]
     if cu_seqlens is not None:
-        return _packed(q_, k_, v_, decay, initial_state, scale, [int(c) for c in cu_seqlens.tolist()], q.dtype)
+        return _packed(q_, outer, decay, initial_state, scale, [int(c) for c in cu_seqlens.tolist()], q.dtype)
     if initial_state is None:
         state = torch.zeros(B, H, D, E, dtype=acc, device=q.device)
     else:
         state = initial_state.to(acc)
-    outputs = []
-    for t in range(T):
-        outer = k_[:, t, :, :, None] * v_[:, t, :, None, :]  # [B, H, D, E] = k_t v_t^T
-        state = decay[:, t, :, None, None] * state + outer
-        outputs.append((q_[:, t, :, None, :] @ state).squeeze(-2))  # [B, H, E] = S_t^T q_t
-    o = torch.stack(outputs, dim=1) * scale  # [B, T, H, E]
-    return o.to(q.dtype), state
+    states = _steps(state, decay[:, :T], outer[:, :T])
+    o = torch.einsum("bthd,bthde->bthe", q_, torch.stack(states, dim=1)) * scale  # o_t = S_t^T q_t: [B, T, H, E]
+    return o.to(q.dtype), states[-1] if states else state
 
 
-def _packed(q_, k_, v_, decay, initial_state, scale, cu: list[int], out_dtype):
-    """The packed recurrence (B = 1): inputs in the accumulation dtype; returns (o [1, T, H, E], S [N, H, D, E])."""
+def _steps(state: torch.Tensor, decay: torch.Tensor, outer: torch.Tensor) -> list[torch.Tensor]:
+    """S_t = exp(g_t) S_{t-1} + k_t v_t^T along dim 1 of ``decay`` and ``outer`` from ``state``: every S_t.
+
+    One fused multiply-add per step on per-step views (``unbind``): the loop is the recurrence and nothing else,
+    so that autograd records two nodes per step instead of a dozen."""
+    states = []
+    for d_t, kv_t in zip(decay.unbind(1), outer.unbind(1)):
+        state = torch.addcmul(kv_t, d_t, state)
+        states.append(state)
+    return states
+
+
+def _packed(q_, outer, decay, initial_state, scale, cu: list[int], out_dtype):
+    """The packed recurrence (B = 1): q_ in the accumulation dtype; returns (o [1, T, H, E], S [N, H, D, E])."""
     _, T, H, D = q_.shape
-    E = v_.shape[-1]
-    outputs, finals = [], []
+    E = outer.shape[-1]
+    states, finals = [], []
     for i, (a, b) in enumerate(zip(cu, cu[1:])):
         if initial_state is None:
-            state = q_.new_zeros(H, D, E)
+            state = q_.new_zeros(1, H, D, E)
         else:
-            state = initial_state[i].to(q_.dtype)
-        for t in range(a, b):
-            state = decay[0, t, :, None, None] * state + k_[0, t, :, :, None] * v_[0, t, :, None, :]
-            outputs.append((q_[0, t, :, None, :] @ state).squeeze(-2))  # [H, E]
-        finals.append(state)
-    if cu[-1] < T:
-        outputs.extend(q_.new_zeros(T - cu[-1], H, E).unbind(0))
-    o = torch.stack(outputs, dim=0)[None] * scale  # [1, T, H, E]
-    return o.to(out_dtype), torch.stack(finals, dim=0)
+            state = initial_state[i : i + 1].to(q_.dtype)
+        seq = _steps(state, decay[:, a:b], outer[:, a:b])
+        states.extend(seq)
+        finals.append(seq[-1] if seq else state)
+    end = cu[-1]
+    o = q_.new_zeros(1, 0, H, E) if not states else torch.einsum("bthd,bthde->bthe", q_[:, :end], torch.stack(states, dim=1))
+    if end < T:
+        o = torch.cat([o, q_.new_zeros(1, T - end, H, E)], dim=1)  # padding: outputs 0, nothing flows back
+    return (o * scale).to(out_dtype), torch.cat(finals, dim=0)
