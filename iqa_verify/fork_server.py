@@ -57,6 +57,9 @@ def _threads() -> int:
 def _preload() -> None:
     """What every worker imports before it loads a kernel (nothing of the kernel's own)."""
     import torch  # noqa: F401
+    # torch.autograd.grad imports this (and sympy) on its first call with grad_outputs: 0.6-0.8 s that every
+    # worker would pay again on its first backward; importing it starts no thread
+    import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
     import iqa_verify.worker  # noqa: F401
     from iqa_verify import cpu_share, execution, loading, wire  # noqa: F401
