@@ -43,17 +43,19 @@ def _recurrence(q, k, v, beta, g, initial_state, scale: float, dtype: torch.dtyp
     B, T, H, D, E = check_delta_forward_inputs(q, k, v, beta, g, initial_state)
     Q, K, V = (x.to(dtype).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D|E]
     Beta = beta.to(dtype).transpose(1, 2)  # [B, H, T]
-    decay = None if g is None else torch.exp(g.to(dtype)).transpose(1, 2)
+    decay = [None] * T if g is None else torch.exp(g.to(dtype)).transpose(1, 2)[..., None, None].unbind(2)
+    BK = (Beta[..., None] * K)[..., None]  # [B, H, T, D, 1]: beta_t k_t
     S = torch.zeros(B, H, D, E, dtype=dtype, device=q.device) if initial_state is None else initial_state.to(dtype)
-    outputs = []
-    for t in range(T):
-        if decay is not None:
-            S = decay[..., t, None, None] * S
-        k_t = K[..., t, :]
-        predicted = (k_t.unsqueeze(-2) @ S).squeeze(-2)  # S'^T k_t: [B, H, E]
-        S = S + (Beta[..., t, None] * k_t).unsqueeze(-1) * (V[..., t, :] - predicted).unsqueeze(-2)
-        outputs.append((Q[..., t, None, :] @ S).squeeze(-2))  # S_t^T q_t: [B, H, E]
-    return scale * torch.stack(outputs, dim=1), S
+    states = []
+    # per-step views (unbind): the loop is the recurrence alone; k_t [B, H, 1, D], v_t [B, H, 1, E]
+    for k_t, v_t, bk_t, d_t in zip(K[..., None, :].unbind(2), V[..., None, :].unbind(2), BK.unbind(2), decay):
+        if d_t is not None:
+            S = d_t * S
+        predicted = k_t @ S  # (S'^T k_t)^T: [B, H, 1, E]
+        S = S + bk_t * (v_t - predicted)
+        states.append(S)
+    o = torch.einsum("bhtd,bhtde->bthe", Q, torch.stack(states, dim=2))  # S_t^T q_t: [B, T, H, E]
+    return scale * o, S
 
 
 def _packed(fn, q, k, v, beta, g, initial_state, scale: float, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,13 +50,15 @@ def _recurrence(q, k, v, g, initial_state, scale: float, dtype: torch.dtype) -> 
     """The recurrence in ``dtype``; returns o [B, T, H, E] and S_T [B, H, D, E], both in ``dtype``."""
     B, T, H, D, E = check_gla_forward_inputs(q, k, v, g, initial_state)
     Q, K, V = (x.to(dtype).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D|E]
-    lam = torch.exp(g.to(dtype)).transpose(1, 2)  # [B, H, T, D]
+    lam = torch.exp(g.to(dtype)).transpose(1, 2)[..., None]  # [B, H, T, D, 1]
+    KV = K[..., :, None] * V[..., None, :]  # [B, H, T, D, E]: k_t v_t^T for every t
     S = torch.zeros(B, H, D, E, dtype=dtype, device=q.device) if initial_state is None else initial_state.to(dtype)
-    outputs = []
-    for t in range(T):
-        S = lam[..., t, :, None] * S + K[..., t, :, None] * V[..., t, None, :]
-        outputs.append((Q[..., t, None, :] @ S).squeeze(-2))  # S_t^T q_t: [B, H, E]
-    return scale * torch.stack(outputs, dim=1), S
+    states = []
+    for lam_t, kv_t in zip(lam.unbind(2), KV.unbind(2)):  # per-step views: the loop is the recurrence alone
+        S = lam_t * S + kv_t
+        states.append(S)
+    o = torch.einsum("bhtd,bhtde->bthe", Q, torch.stack(states, dim=2))  # S_t^T q_t: [B, T, H, E]
+    return scale * o, S
 
 
 def _packed(fn, q, k, v, g, initial_state, scale: float, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
