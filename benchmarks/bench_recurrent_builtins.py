@@ -1,4 +1,5 @@
-"""Benchmark: the step-by-step recurrent built-ins before and after one fused multiply-add per step.
+"""Benchmark: the step-by-step recurrent built-ins (and the float64 references of gla/delta) before and after
+their loops were reduced to the recurrence alone.
 
 Run (about 5 minutes on one core; not collected by a plain ``pytest``)::
 
@@ -10,13 +11,18 @@ suite's own CI (the reference-free and packed properties call them about 20 time
 ops (and autograd nodes); now the per-step terms are computed for all steps at once, the loop holds one fused
 multiply-add per step on ``unbind`` views, and the outputs come from the stacked states in one einsum.
 
+The float64 references of gla-forward and delta-forward (recurrences too, called for every case by values,
+gradients, varlen-values and varlen-gradients) were rewritten the same way in their own code (bitwise the same
+results); they are timed here as the kernels are.
+
 Side by side in one run, the "before" kernel read from git at :data:`BEFORE_COMMIT` (its file imports only
 ``iqa_verify.contracts``, unchanged since), both loaded by path, alternating which goes first:
 
 * **kernel**: one forward + backward of every input at T = 317 and T = 1100 (the ci profile's pinned lengths),
   B = 1, H = 2, D = E = 4, float32, minimum of :data:`REPEATS`;
 * **check**: ``check`` of the kernel on all its family's properties (ci profile, float32, seed 0, in-process:
-  only the kernel differs), with the verdicts compared (they must agree).
+  only the kernel differs; both sides judged by today's references), with the verdicts compared (they must
+  agree).
 
 Writes ``benchmarks/results/recurrent_builtins.md``. Timings are never asserted.
 """
@@ -47,6 +53,10 @@ KERNELS = {
     "gla-forward": "iqa_verify/kernels/gla_forward_recurrent.py:gla_forward_recurrent",
     "delta-forward": "iqa_verify/kernels/delta_forward_recurrent.py:delta_forward_recurrent",
 }
+REFERENCES = {
+    "gla-forward": "reference/gla_forward.py:gla_forward_ref",
+    "delta-forward": "reference/delta_forward.py:delta_forward_ref",
+}
 SIDES = ("before", "after")
 REPEATS = 3
 _MEASURED: dict[tuple[str, str, str], float] = {}
@@ -56,7 +66,7 @@ _VERDICTS: dict[tuple[str, str], list] = {}
 @pytest.fixture(scope="module")
 def before_dir() -> Path:
     where = Path(tempfile.mkdtemp(prefix="iqa-bench-recurrent-"))
-    for spec in KERNELS.values():
+    for spec in (*KERNELS.values(), *REFERENCES.values()):
         path = spec.split(":")[0]
         text = subprocess.run(["git", "show", f"{BEFORE_COMMIT}:{path}"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout
@@ -64,8 +74,8 @@ def before_dir() -> Path:
     return where
 
 
-def _impl(side: str, fam: str, before_dir: Path) -> str:
-    path, fn = KERNELS[fam].split(":")
+def _impl(side: str, fam: str, before_dir: Path, table: dict[str, str] = KERNELS) -> str:
+    path, fn = table[fam].split(":")
     return f"{before_dir / Path(path).name}:{fn}" if side == "before" else f"{ROOT / path}:{fn}"
 
 
@@ -101,6 +111,9 @@ def test_kernel_and_check(fam: str, before_dir: Path) -> None:
     for T in (317, 1100):
         for side in order:
             _MEASURED[(fam, side, f"kernel T={T}")] = _time_kernel(load_kernel(_impl(side, fam, before_dir)), fam, T)
+            if fam in REFERENCES:
+                ref = load_kernel(_impl(side, fam, before_dir, REFERENCES))
+                _MEASURED[(fam, side, f"reference T={T}")] = _time_kernel(ref, fam, T)
     for side in order:
         impl = _impl(side, fam, before_dir)
         cfg = RunConfig(family(fam), load_kernel(impl), impl, torch.float32, torch.device("cpu"), profile_named("ci"),
@@ -128,7 +141,7 @@ def teardown_module() -> None:
         "|---|---|---|---|---|",
     ]
     for fam in KERNELS:
-        for what in ("kernel T=317", "kernel T=1100", "check"):
+        for what in ("kernel T=317", "kernel T=1100", "reference T=317", "reference T=1100", "check"):
             if (fam, "after", what) not in _MEASURED:
                 continue
             b, a = _MEASURED[(fam, "before", what)], _MEASURED[(fam, "after", what)]
