@@ -192,6 +192,17 @@ def test_iqa_score_gradients_are_judged_on_the_siblings_scale_where_v_is_already
     assert all(c.passed for c in ctx.checks)
 
 
+def test_siblings_scale_still_catches_score_gradients_gone_wrong_where_v_is_a_fixed_point() -> None:
+    """The rule above judges dw_q, dw_k on the siblings' scale where V passes as a fixed point (their exact values
+    vanish there). The planted softmax backward without its row-sum term (tests/bug_zoo/iqa.py) gets them wrong
+    by the siblings' size exactly there: caught on the same case, by dw_q and dw_k each, while the correct kernels
+    pass (the test above)."""
+    with pytest.raises(Violation) as failed:
+        run_one("iqa", "tests/bug_zoo/iqa.py:score_grads_uncentered", "gradients", IQA_V_CONVERGED, dtype=torch.float16)
+    ratios = {c.path: c.ratio for c in failed.value.checks}
+    assert ratios["grad/dw_q"] >= 2 and ratios["grad/dw_k"] >= 2, ratios
+
+
 @pytest.mark.parametrize(("spec", "dtype"), [(IQA_SLOW_RATE, torch.float16),
                                              (IQA_SLOW_RATE_BF16, torch.bfloat16)])
 def test_unrolled_gradient_is_as_converged_as_its_value(spec: str, dtype: torch.dtype) -> None:

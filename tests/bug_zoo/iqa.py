@@ -122,6 +122,56 @@ def adjoint_not_transposed(x, w_q, w_k, w_v=None, *, scale=None):
     return _adjoint_not_transposed(x, w_q, w_k, w_v, scale)
 
 
+class _UncenteredSoftmax(torch.autograd.Function):
+    """softmax whose backward forgets the row-sum term: p * dp instead of p * (dp - sum_j p_j dp_j)."""
+
+    @staticmethod
+    def forward(ctx, scores):  # type: ignore[override]
+        p = torch.softmax(scores, dim=-1)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, dp):  # type: ignore[override]
+        (p,) = ctx.saved_tensors
+        return p * dp
+
+
+def _score_grads_uncentered(x, w_q, w_k, w_v, scale):
+    """Exact adjoint u = g + (∂f/∂y)^T u at y*, then the parameter gradients u^T ∂f/∂θ taken through a hand-written
+    softmax backward without its row-sum term (flash attention's D_i = rowsum(dO * O) forgotten)."""
+    cd = state_dtype_for(x.dtype)
+    y_star, _, fn = _iqa(x, w_q, w_k, w_v, scale, backward=OneStep())
+    y_det = y_star.detach().to(cd)
+    xc, wq, wk = x.to(cd), w_q.to(cd), w_k.to(cd)
+    s = w_k.shape[1] ** -0.5 if scale is None else scale
+    k = xc @ wk
+    v = xc if w_v is None else xc @ w_v.to(cd)
+    p = _UncenteredSoftmax.apply(s * k @ (y_det @ wq).transpose(-1, -2))
+    f_bad = p @ v  # f(y*) with the wrong score backward, differentiable in x, w_q, w_k, w_v (y* held fixed)
+
+    def adjoint(g: torch.Tensor) -> torch.Tensor:  # the correct transposed adjoint, through the correct f
+        return Anderson(max_iter=500).solve(
+            lambda u: g + torch.autograd.functional.vjp(fn, y_det, u)[1].detach(), g).raise_if_failed("adjoint").y
+
+    class _Swap(torch.autograd.Function):  # value of y*, gradients through f_bad with the adjoint as cotangent
+        @staticmethod
+        def forward(ctx, f_bad_):  # type: ignore[override]
+            return y_det.to(x.dtype).clone()
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[override]
+            return adjoint(g.to(cd)).to(f_bad.dtype)
+
+    return _Swap.apply(f_bad)
+
+
+def score_grads_uncentered(x, w_q, w_k, w_v=None, *, scale=None):
+    """Exact adjoint, but the score gradients (dw_q, dw_k and dx through the keys) from a softmax backward that
+    forgets its row-sum term: wrong most where V is nearly a fixed point, where the exact dw_q, dw_k vanish."""
+    return _score_grads_uncentered(x, w_q, w_k, w_v, scale)
+
+
 def _too_few_iterations(x, w_q, w_k, w_v=None, *, scale=None):
     y, sol, _ = _iqa(x, w_q, w_k, w_v, scale, solver=FixedPointIteration(max_iter=3))
     # "reached max_iter without blowing up" taken for convergence
@@ -165,6 +215,7 @@ BUGS: tuple[PlantedBug, ...] = (
     _bug("w_q_transposed", "float32", (_p("contract"), _p("values")), "w_q transposed (y w_q^T)"),
     _bug("adjoint_not_transposed", "float32", (_p("gradients"),), "adjoint with ∂f/∂y not transposed",
                "not transposed"),
+    _bug("score_grads_uncentered", "float32", (_p("gradients"),), "softmax backward without its row-sum term"),
     _bug("too_few_iterations", "float32", (_p("fixed-point"), _p("convergence-honesty")),
                "too few iterations reported as converged", "reported converged"),
 )
