@@ -55,6 +55,8 @@ from dataclasses import dataclass
 
 import torch
 
+from iqa_verify.properties.recurrent_forward.scan import forward_scan, reverse_scan
+
 __all__ = ["CHUNK", "ColumnBounds", "column_bounds", "magnitude_bounds", "state_peak"]
 
 F64 = torch.float64
@@ -100,11 +102,7 @@ def column_bounds(inputs: Mapping[str, torch.Tensor | None], scale: float,
     m0 = s0.detach().to(F64).norm(dim=-2) if s0 is not None else q.new_zeros(B, H, E)  # [B, H, E]
     write = (beta * k2).unsqueeze(-1) * v.abs()  # beta_t ‖k_t‖ |v_te|, [B, T, H, E]
     step = (lam * rho).unsqueeze(-1)  # [B, T, H, 1]
-    m, ms = m0, []
-    for t in range(T):
-        m = step[:, t] * m + write[:, t]
-        ms.append(m)
-    m_all = torch.stack(ms, 1)  # [B, T, H, E]
+    m_all = forward_scan(step, write, m0)  # [B, T, H, E]
     m_prev = torch.cat([m0[:, None], m_all[:, :-1]], 1) * lam.unsqueeze(-1)  # lambda_t m_{t-1}[e]
     if cots is None:
         return ColumnBounds(m_all, m_prev, None, None, None, None, None, step, rho, kappa)
@@ -113,11 +111,7 @@ def column_bounds(inputs: Mapping[str, torch.Tensor | None], scale: float,
     do = cots["o"].detach().to(F64).abs()
     n = cots["final_state"].detach().to(F64).norm(dim=-2)  # [B, H, E]
     qdo = sc * q2.unsqueeze(-1) * do  # [B, T, H, E]
-    ns = [None] * T
-    for t in range(T - 1, -1, -1):
-        n = qdo[:, t] + (step[:, t + 1] * n if t + 1 < T else n)
-        ns[t] = n
-    n_all = torch.stack(ns, 1)  # [B, T, H, E]
+    n_all = reverse_scan(step, qdo, n)  # [B, T, H, E]
     kk = k2.unsqueeze(-1)
     dq = sc * (m_all * do).sum(-1)  # [B, T, H] (the same for every d)
     dv = beta.unsqueeze(-1) * kk * n_all  # [B, T, H, E]
@@ -164,13 +158,14 @@ def state_peak(inputs: Mapping[str, torch.Tensor | None]) -> float:
     g, s0 = inputs.get("g"), inputs.get("initial_state")
     B, T, H, D = q.shape
     S = torch.zeros(B, H, D, v.shape[-1], dtype=F64) if s0 is None else s0.detach().to(F64).clone()
-    peak = float(S.abs().max()) if S.numel() else 0.0
-    lam = None if g is None else torch.exp(g.detach().to(F64))
-    for t in range(T):
-        if lam is not None:
-            S = lam[:, t, :, None, None] * S
-        k_t, b_t = k[:, t], beta[:, t, :, None]  # [B, H, D], [B, H, 1]
-        error = v[:, t] - (k_t.unsqueeze(-2) @ S).squeeze(-2)  # [B, H, E]
-        S = S + (b_t * k_t).unsqueeze(-1) * error.unsqueeze(-2)
-        peak = max(peak, float(S.abs().max()))
-    return peak
+    if not S.numel():
+        return 0.0
+    peaks = [S.abs().amax((-2, -1))]  # [B, H] per step; one max at the end (no sync per step)
+    lam = [None] * T if g is None else torch.exp(g.detach().to(F64))[..., None, None].unbind(1)
+    bk = (beta[..., None] * k)[..., None].unbind(1)  # beta_t k_t as [B, H, D, 1]
+    for k_t, v_t, bk_t, lam_t in zip(k[..., None, :].unbind(1), v[..., None, :].unbind(1), bk, lam):
+        if lam_t is not None:
+            S = lam_t * S
+        S = S + bk_t * (v_t - k_t @ S)  # S' + beta_t k_t (v_t - S'^T k_t)^T
+        peaks.append(S.abs().amax((-2, -1)))
+    return float(torch.stack(peaks).max())

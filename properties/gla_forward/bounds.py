@@ -32,6 +32,8 @@ from collections.abc import Mapping
 
 import torch
 
+from iqa_verify.properties.recurrent_forward.scan import forward_scan, reverse_scan
+
 __all__ = ["magnitude_bounds"]
 
 F64 = torch.float64
@@ -49,11 +51,7 @@ def magnitude_bounds(inputs: Mapping[str, torch.Tensor | None], scale: float,
     m0 = s0.detach().to(F64).abs().amax(-1) if s0 is not None else q.new_zeros(B, H, D)  # [B, H, D]
     lam = torch.exp(g)  # [B, T, H, D]
     kv = k.abs() * v.abs().amax(-1, keepdim=True)  # |k_td| ‖v_t‖∞
-    m, ms = m0, []
-    for t in range(T):
-        m = lam[:, t] * m + kv[:, t]
-        ms.append(m)
-    m_all = torch.stack(ms, 1)  # [B, T, H, D]
+    m_all = forward_scan(lam, kv, m0)  # [B, T, H, D]
     sc = abs(float(scale))
     widen = 1.0 + float(g.cumsum(1).abs().max()) / 64.0
     out = {"o": widen * float((sc * (q.abs() * m_all).sum(-1)).max()), "final_state": widen * float(m_all[:, -1].max())}
@@ -62,11 +60,7 @@ def magnitude_bounds(inputs: Mapping[str, torch.Tensor | None], scale: float,
     do = cots["o"].detach().to(F64)
     n = cots["final_state"].detach().to(F64).abs().amax(-1)  # [B, H, D]
     qdo = sc * q.abs() * do.abs().amax(-1, keepdim=True)  # [B, T, H, D]
-    ns = [None] * T
-    for t in range(T - 1, -1, -1):
-        n = qdo[:, t] + (lam[:, t + 1] * n if t + 1 < T else n)
-        ns[t] = n
-    n_all = torch.stack(ns, 1)  # [B, T, H, D]: bound on |dS_t[d, :]|
+    n_all = reverse_scan(lam, qdo, n)  # [B, T, H, D]: bound on |dS_t[d, :]|
     dq = sc * m_all * do.abs().sum(-1, keepdim=True)
     dk = n_all * v.abs().sum(-1, keepdim=True)
     dv = (n_all * k.abs()).sum(-1)  # [B, T, H]

@@ -18,7 +18,8 @@ themselves carrying the rounding of their own sums, the error is at most ``gamma
 where Dq, Dk, S̄_T are the gradients and final state of the *magnitude problem* (the recurrence on |q|, |k|, |v|,
 |S_0| with the same gates and cotangents |do|, |dS_T|: the sums of |terms| that form dq, dk, S_T; the gates are
 positive factors, so nothing cancels there). They are computed by the magnitude problem's own recurrences in
-float64, forward for its state and backward for its adjoint, one step at a time (O(B H D E) memory)::
+float64, forward for its state and backward for its adjoint, one step at a time (every step's state kept:
+O(B T H D E) memory)::
 
     S̄_t = diag(exp(g_t)) S̄_{t-1} + |k_t| |v_t|^T   (S̄_0 = |S_0|)         Dq_t = |scale| S̄_t |do_t|
     dS̄_t = |scale| |q_t| |do_t|^T + diag(exp(g_{t+1})) dS̄_{t+1}   (dS̄_T includes |dS_T|)      Dk_t = dS̄_t |v_t|
@@ -50,17 +51,21 @@ def dg_natural_scale(q, k, v, g, initial_state, do, d_state, *, scale: float = 1
     E = va.shape[-1]
     sc = abs(float(scale))
     S = initial_state.detach().to(F64).abs() if initial_state is not None else qa.new_zeros(B, H, D, E)
-    dq = torch.empty_like(qa)
-    for t in range(T):
-        S = lam[:, t, :, :, None] * S + ka[:, t, :, :, None] * va[:, t, :, None, :]
-        dq[:, t] = sc * (S @ dov[:, t, :, :, None]).squeeze(-1)
+    gates = lam[..., None].unbind(1)  # per-step views [B, H, D, 1]: the loops below are the recurrences alone
+    states = []
+    for lam_t, kv_t in zip(gates, (ka[..., None] * va[..., None, :]).unbind(1)):
+        S = lam_t * S + kv_t
+        states.append(S)
+    dq = sc * torch.einsum("bthde,bthe->bthd", torch.stack(states, 1), dov)  # |scale| S̄_t |do_t|
     cot_s = d_state.detach().to(F64).abs() if d_state is not None else torch.zeros_like(S)
-    dS, dk = cot_s, torch.empty_like(ka)
+    dS, adjoints = cot_s, [None] * T
+    q_do = (sc * qa[..., None] * dov[..., None, :]).unbind(1)  # |scale| |q_t| |do_t|^T
     for t in range(T - 1, -1, -1):
         if t + 1 < T:
-            dS = lam[:, t + 1, :, :, None] * dS
-        dS = dS + sc * qa[:, t, :, :, None] * dov[:, t, :, None, :]
-        dk[:, t] = (dS @ va[:, t, :, :, None]).squeeze(-1)
+            dS = gates[t + 1] * dS
+        dS = dS + q_do[t]
+        adjoints[t] = dS
+    dk = torch.einsum("bthde,bthe->bthd", torch.stack(adjoints, 1), va)  # dS̄_t |v_t|
     per_step = qa * dq + ka * dk  # [B, T, H, D]
     n_terms = per_step.flip(1).cumsum(1).flip(1) + (cot_s * S).sum(-1).unsqueeze(1)
     return (2 * T + E + 3) * n_terms

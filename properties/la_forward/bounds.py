@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from iqa_verify.properties.recurrent_forward.scan import forward_scan, reverse_scan
+
 __all__ = ["magnitude_bounds"]
 
 Inputs = dict[str, torch.Tensor | None]
@@ -46,11 +48,7 @@ def magnitude_bounds(inputs: Inputs, scale: float, cots: dict[str, torch.Tensor]
     m = s0.detach().to(f64).abs().amax((-2, -1)) if s0 is not None else q.new_zeros(B, H)
     lam = torch.exp(g)  # [B, T, H]
     a = k.abs().amax(-1) * v.abs().amax(-1)  # [B, T, H]
-    ms = []
-    for t in range(T):
-        m = lam[:, t] * m + a[:, t]
-        ms.append(m)
-    m_all = torch.stack(ms, 1)  # [B, T, H]: bound on |S_t|
+    m_all = forward_scan(lam, a, m)  # [B, T, H]: bound on |S_t|
     sc = abs(float(scale))
     q1, k1, v1 = q.abs().sum(-1), k.abs().sum(-1), v.abs().sum(-1)
     widen = 1.0 + float(g.cumsum(1).abs().max()) / 64.0
@@ -60,11 +58,7 @@ def magnitude_bounds(inputs: Inputs, scale: float, cots: dict[str, torch.Tensor]
     do = cots["o"].detach().to(f64)
     n = cots["final_state"].detach().to(f64).abs().amax((-2, -1))  # [B, H]
     qdo = sc * q.abs().amax(-1) * do.abs().amax(-1)  # [B, T, H]
-    ns = [None] * T
-    for t in range(T - 1, -1, -1):
-        n = qdo[:, t] + (lam[:, t + 1] * n if t + 1 < T else n)
-        ns[t] = n
-    n_all = torch.stack(ns, 1)  # [B, T, H]: bound on |dS_t|
+    n_all = reverse_scan(lam, qdo, n)  # [B, T, H]: bound on |dS_t|
     dq = sc * m_all * do.abs().sum(-1)
     dk, dv = n_all * v1, n_all * k1
     m_prev = torch.cat([(s0.detach().to(f64).abs().amax((-2, -1)) if s0 is not None else q.new_zeros(B, H))[:, None],
