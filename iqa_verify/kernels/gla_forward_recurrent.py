@@ -50,6 +50,10 @@ def gla_forward_recurrent(
 
     Arithmetic in ``state_dtype_for(q.dtype)``; differentiable through plain autograd; inputs may be
     non-contiguous views and are never modified.
+
+    Memory: every step's state is kept ([B, T, H, D, E] in the accumulation dtype, as autograd keeps it for the
+    backward anyway) and the outputs come from them in one contraction; the loop itself is one or two fused
+    ops per step (what makes this kernel cheap to call at the suite's small shapes and long sequences).
     """
     B, T, H, D, E = check_gla_forward_inputs(q, k, v, g, initial_state, cu_seqlens)
     acc = state_dtype_for(q.dtype)
