@@ -46,7 +46,7 @@ def la_forward_recurrent(
         o_t = scale * S_t^T q_t
         final_state = S_T
 
-    Packed, one loop over the positions of all sequences: at ``cu[i]`` the state restarts from
+    Packed, the same loop runs over each sequence in turn: at ``cu[i]`` the state restarts from
     ``initial_state[i]`` (or zeros), and the state after position ``cu[i+1] - 1`` is sequence i's final state.
 
     The state and all arithmetic are in ``state_dtype_for(q.dtype)`` (float32 accumulation for
