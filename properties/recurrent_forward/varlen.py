@@ -26,7 +26,7 @@ from functools import partial
 import torch
 
 from iqa_verify.comparison import TensorCheck, compare
-from iqa_verify.family import NotApplicable, Property, PropertyContext
+from iqa_verify.family import NotApplicable, Property, PropertyContext, digest
 from iqa_verify.properties.generic import run_forward_backward
 from iqa_verify.properties.recurrent_forward.form import RecurrentForward
 from iqa_verify.properties.recurrent_forward.packing import PackedCase, packed_case
@@ -88,15 +88,32 @@ def _reference(fn, p: PackedCase, scale: float, cots: dict[str, torch.Tensor] | 
     return {"o": o.detach(), "final_state": state.detach()}, dict(zip(names, grads))
 
 
+def _packed_at_t(form: RecurrentForward, ctx: PropertyContext) -> PackedCase:
+    """The case's packed batch at its own T (varlen-values and varlen-gradients judge the same one), built once."""
+    case = ctx.case
+    return ctx.memoized("varlen/packed-at-T", lambda: packed_case(form, case.spec, case.spec.T, case.dtype, case.device))
+
+
+def _packed_references(form: RecurrentForward, ctx: PropertyContext, p: PackedCase, cots: dict[str, torch.Tensor]):
+    """(reference outputs, reference gradients, baseline outputs, baseline gradients) on the packed batch at T with
+    the case's cotangents: computed once for varlen-values (outputs) and varlen-gradients (both)."""
+    scale = ctx.case.kwargs.get("scale", 1.0)
+
+    def compute():
+        ref = _reference(form.reference, p, scale, cots, upcast=True)
+        base = _reference(form.baseline, p, scale, cots, upcast=False)
+        return (*ref, *base)
+
+    return ctx.memoized(("varlen/references-at-T", digest(cots)), compute)
+
+
 def _varlen_values(form: RecurrentForward, ctx: PropertyContext) -> None:
     _require_varlen(ctx)
     case = ctx.case
-    p = packed_case(form, case.spec, case.spec.T, case.dtype, case.device)
+    p = _packed_at_t(form, ctx)
     outs = ctx.call(p.inputs, _kwargs(ctx, p))
     _expect(outs, p, "packed call")
-    scale = case.kwargs.get("scale", 1.0)
-    ref, _ = _reference(form.reference, p, scale, None, upcast=True)
-    base, _ = _reference(form.baseline, p, scale, None, upcast=False)
+    ref, _, base, _ = _packed_references(form, ctx, p, cotangents(ctx, p.inputs, states=len(p.lengths)))
     tol, dtype, end = tolerance(Kind.VALUE, case.dtype), case.dtype, p.end
     natural = None
     if form.final_state_natural is not None:  # each sequence's final state against the states it came through
@@ -114,13 +131,12 @@ def _varlen_values(form: RecurrentForward, ctx: PropertyContext) -> None:
 def _varlen_gradients(form: RecurrentForward, ctx: PropertyContext) -> None:
     _require_varlen(ctx)
     case = ctx.case
-    p = packed_case(form, case.spec, case.spec.T, case.dtype, case.device)
+    p = _packed_at_t(form, ctx)
     cots = cotangents(ctx, p.inputs, states=len(p.lengths))
     got = run_forward_backward(ctx, cots, inputs=p.inputs, kwargs=_kwargs(ctx, p), poisoned=True)
     _expect(got.outputs, p, "packed call")
     scale = case.kwargs.get("scale", 1.0)
-    _, ref = _reference(form.reference, p, scale, cots, upcast=True)
-    _, base = _reference(form.baseline, p, scale, cots, upcast=False)
+    _, ref, _, base = _packed_references(form, ctx, p, cots)
     tol, dtype, end = tolerance(Kind.GRAD, case.dtype), case.dtype, p.end
     siblings = max(float(r.abs().max()) for r in ref.values() if r is not None and r.numel())
     natural = _grad_natural(form, p, cots, scale)
