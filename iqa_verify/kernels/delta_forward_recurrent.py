@@ -51,8 +51,9 @@ def delta_forward_recurrent(
     Arithmetic in ``state_dtype_for(q.dtype)``; differentiable through plain autograd; inputs never modified.
 
     Memory: every step's state is kept ([B, T, H, D, E] in the accumulation dtype, as autograd keeps it for the
-    backward anyway) and the outputs come from them in one contraction; the loop itself is one or two fused
-    ops per step (what makes this kernel cheap to call at the suite's small shapes and long sequences).
+    backward anyway) and the outputs come from them in one contraction; the loop itself is four ops per step
+    (decay, prediction, error, fused update: what makes this kernel cheap to call at the suite's small shapes
+    and long sequences).
     """
     B, T, H, D, E = check_delta_forward_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
     acc = state_dtype_for(q.dtype)
