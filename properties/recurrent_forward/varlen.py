@@ -73,16 +73,14 @@ def _grad_natural(form: RecurrentForward, p: PackedCase, cots: dict[str, torch.T
     return out
 
 
-def _reference(fn, p: PackedCase, scale: float, cots: dict[str, torch.Tensor] | None, upcast: bool):
-    """fn (reference or baseline) on the packed case; with cotangents, its gradients by input name."""
+def _reference(fn, p: PackedCase, scale: float, cots: dict[str, torch.Tensor], upcast: bool):
+    """fn (reference or baseline) on the packed case: its outputs, and its gradients of <cots, outputs> by input name."""
     inputs = {n: (t.detach().to(torch.float64) if upcast else t.detach()) if t is not None else None
               for n, t in p.inputs.items()}
     names = [n for n, t in inputs.items() if t is not None]
     leaves = [inputs[n].requires_grad_() for n in names]
     with torch.enable_grad():
         o, state = fn(*inputs.values(), scale=scale, cu_seqlens=p.cu_seqlens)
-        if cots is None:
-            return {"o": o.detach(), "final_state": state.detach()}, {}
         cot = [cots["o"].to(o.dtype), cots["final_state"].to(state.dtype)]
         grads = torch.autograd.grad((o, state), leaves, cot, allow_unused=True)
     return {"o": o.detach(), "final_state": state.detach()}, dict(zip(names, grads))
