@@ -59,14 +59,18 @@ def _reference(unknown: Unknown, inputs, kwargs) -> dict[str, torch.Tensor]:
 
 
 def _baseline(unknown: Unknown, inputs, kwargs) -> dict[str, torch.Tensor]:
-    """pinv(A) b with A, b built in float64 from the inputs and the pseudo-inverse taken in the
-    accumulation dtype; returned in the input dtype."""
+    """pinv(A) b with A and the known offset c built in float64 from the inputs, both rounded to the accumulation
+    dtype, b = vec(O) - c formed there (as a kernel must: where o and c nearly cancel, the answer carries eps_acc
+    times them, which no rule based on A's kappa sees) and the pseudo-inverse taken there; returned in the input
+    dtype. Forming b in float64 left that cancellation out: a one-step sequence whose o/scale - exp(g) S0^T q
+    cancels 1000x was a false alarm on every float32 Type1 kernel (issue #14, calibration seed 6)."""
     first = next(iter(inputs.values()))
     acc = state_dtype_for(first.dtype)
     a, b, o, g, s0 = inputs.values()
     lm = la_linear_map(unknown, a, b, o, g, s0, **kwargs)
-    x = (torch.linalg.pinv(lm.matrix.to(acc)) @ lm.rhs(o).to(acc).unsqueeze(-1)).squeeze(-1)
-    B, T, H, _ = o.shape
+    B, T, H, E = o.shape
+    rhs = o.to(acc).transpose(1, 2).reshape(B, H, T * E) - lm.offset.to(acc)
+    x = (torch.linalg.pinv(lm.matrix.to(acc)) @ rhs.unsqueeze(-1)).squeeze(-1)
     return {unknown.value: x.reshape(B, H, T, lm.n).transpose(1, 2).to(first.dtype)}
 
 
