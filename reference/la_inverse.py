@@ -83,10 +83,11 @@ class LinearMap:
         o = (self.matrix @ flat).squeeze(-1) + self.offset
         return o.reshape(B, H, T, self.e).transpose(1, 2)
 
-    def rhs(self, o: torch.Tensor) -> torch.Tensor:
-        """b = vec(O) - c: o [B, T, H, E] -> [B, H, T*E] (float64)."""
+    def rhs(self, o: torch.Tensor, dtype: torch.dtype = F64) -> torch.Tensor:
+        """b = vec(O) - c: o [B, T, H, E] -> [B, H, T*E], formed in ``dtype`` (float64 by default; o and c are
+        rounded to it first, so a lower dtype carries the cancellation error a kernel working in it pays)."""
         B, T, H, E = o.shape
-        return o.to(F64).transpose(1, 2).reshape(B, H, T * E) - self.offset
+        return o.to(dtype).transpose(1, 2).reshape(B, H, T * E) - self.offset.to(dtype)
 
     def solve(self, o: torch.Tensor) -> torch.Tensor:
         """Minimum-norm least squares ``pinv(A) (vec(O) - c)``: o [B, T, H, E] -> x [B, T, H, n]."""

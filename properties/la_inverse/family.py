@@ -68,9 +68,8 @@ def _baseline(unknown: Unknown, inputs, kwargs) -> dict[str, torch.Tensor]:
     acc = state_dtype_for(first.dtype)
     a, b, o, g, s0 = inputs.values()
     lm = la_linear_map(unknown, a, b, o, g, s0, **kwargs)
-    B, T, H, E = o.shape
-    rhs = o.to(acc).transpose(1, 2).reshape(B, H, T * E) - lm.offset.to(acc)
-    x = (torch.linalg.pinv(lm.matrix.to(acc)) @ rhs.unsqueeze(-1)).squeeze(-1)
+    B, T, H, _ = o.shape
+    x = (torch.linalg.pinv(lm.matrix.to(acc)) @ lm.rhs(o, acc).unsqueeze(-1)).squeeze(-1)
     return {unknown.value: x.reshape(B, H, T, lm.n).transpose(1, 2).to(first.dtype)}
 
 
