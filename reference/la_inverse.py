@@ -90,10 +90,19 @@ class LinearMap:
         return o.to(dtype).transpose(1, 2).reshape(B, H, T * E) - self.offset.to(dtype)
 
     def solve(self, o: torch.Tensor) -> torch.Tensor:
-        """Minimum-norm least squares ``pinv(A) (vec(O) - c)``: o [B, T, H, E] -> x [B, T, H, n]."""
+        """Minimum-norm least squares ``pinv(A) (vec(O) - c)``: o [B, T, H, E] -> x [B, T, H, n].
+
+        Multiplying by an explicitly formed pseudo-inverse leaves a residual of ``eps kappa ‖b‖`` (each entry of
+        ``pinv(A)`` is off by ``eps / sigma_min``), not the ``eps ‖A‖ ‖x‖`` of a backward-stable solve: at
+        kappa ~1e11 that is 1e5 times what a correct kernel leaves, and the properties would read it as an
+        inconsistent part of o. One step of refinement, ``x += pinv(A) (b - A x)``, brings it to rounding
+        level; in exact arithmetic the step adds ``pinv(A)(I - A pinv(A)) b = 0`` (minimum-norm least squares
+        included), so the answer and its autograd derivatives are those of ``pinv(A) b``."""
         B, T, H, _ = o.shape
-        x = (torch.linalg.pinv(self.matrix) @ self.rhs(o).unsqueeze(-1)).squeeze(-1)
-        return x.reshape(B, H, T, self.n).transpose(1, 2)
+        pinv, b = torch.linalg.pinv(self.matrix), self.rhs(o).unsqueeze(-1)
+        x = pinv @ b
+        x = x + pinv @ (b - self.matrix @ x)
+        return x.squeeze(-1).reshape(B, H, T, self.n).transpose(1, 2)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
