@@ -258,3 +258,52 @@ def test_type1_gradients_admit_the_right_hand_sides_cancellation(impl: str) -> N
     both built-ins). The baseline now forms it in the accumulation dtype, as a kernel must: 0.31."""
     ctx = run_one("la-solve-v", impl, "varlen-gradients", V_RHS_CANCELS)
     assert max(c.ratio for c in ctx.checks) <= 0.5, [c.describe() for c in ctx.checks if c.ratio > 0.5]
+
+
+def _v_overflow_case() -> str:
+    from iqa_verify.properties.la_inverse.cases import pinned_solve_cases
+    from iqa_verify.profiles import profile_named
+    from iqa_verify.reference.la_inverse import Unknown
+    return pinned_solve_cases(profile_named("ci"), Unknown.V)[-1].to_json()
+
+
+def test_pinned_v_chain_overflows_fp16_from_an_o_that_fits() -> None:
+    """The pinned la-solve-v regime is what its docstring says: in fp16, o fits with room to spare while the
+    float64 minimum-norm answer and the states it carries are past 65504."""
+    from iqa_verify.reference.la_inverse import la_solve_v_dense_ref, la_states_ref
+    fam = family("la-solve-v")
+    case = fam.build(fam.spec_from_json(_v_overflow_case()), torch.float16, torch.device("cpu"))
+    d = {n: (t.double() if t is not None else None) for n, t in case.inputs.items()}
+    v = la_solve_v_dense_ref(d["q"], d["k"], d["o"], d["g"], d["initial_state"], scale=case.spec.la.scale)
+    states = la_states_ref(d["k"], v, d["g"], d["initial_state"])
+    assert d["o"].abs().max() < 100 and v.abs().max() > 65504 and states.abs().max() > 65504
+
+
+@pytest.mark.parametrize("impl", ["iqa_verify.kernels.la_solve_v:la_solve_v",
+                                  "iqa_verify.kernels.la_solve_v:la_solve_v_sequential",
+                                  "tests/correct_kernels/la_inverse.py:la_solve_v_triangular_acc"])
+def test_fp16_overflowing_answer_is_inf_for_correct_solvers_and_nan_for_an_fp16_state(impl: str) -> None:
+    """Calibration: `v_state_in_input_dtype` (state carried in fp16) escaped `backward-error` at seeds 4 and 5,
+    whose random draws held no chain that overflows; the pinned case holds one at every seed."""
+    for prop in ("backward-error", "finite"):
+        run_one("la-solve-v", impl, prop, _v_overflow_case(), torch.float16)
+    with pytest.raises(Violation, match="NaN"):
+        run_one("la-solve-v", "tests/bug_zoo/la_inverse.py:v_state_in_input_dtype", "backward-error",
+                _v_overflow_case(), torch.float16)
+
+
+def test_reference_least_squares_answer_is_backward_stable_however_ill_conditioned() -> None:
+    """Found by the pinned overflow case in float64: x_ref = pinv(A) b with pinv formed explicitly left a residual
+    of eps kappa ‖b‖ (5e-7 at kappa 6e10), which `o-roundtrip` read as an inconsistent part of o and every correct
+    kernel failed against (ratio 64.5, dense float64 pinv included). Refined once, it is at rounding level."""
+    from iqa_verify.properties.la_inverse.checks import analyse
+    from iqa_verify.reference.la_inverse import Unknown
+    fam = family("la-solve-v")
+    case = fam.build(fam.spec_from_json(_v_overflow_case()), torch.float64, torch.device("cpu"))
+    sys_ = analyse(Unknown.V, dict(case.inputs), case.kwargs["scale"])
+    x = sys_.x_ref.transpose(1, 2).reshape(1, 1, -1)
+    eps = torch.finfo(torch.float64).eps
+    assert float(sys_.kappa[0, 0]) > 1e10
+    assert float(sys_.r_norm[0, 0]) <= 100 * eps * float(sys_.sigma_max[0, 0]) * float(x.norm())
+    for impl in ("tests/correct_kernels/la_inverse.py:la_solve_v_dense_f64", "iqa_verify.kernels.la_solve_v:la_solve_v"):
+        run_one("la-solve-v", impl, "o-roundtrip", _v_overflow_case(), torch.float64)

@@ -140,8 +140,10 @@ def v_decay_forgotten(q, k, o, g, initial_state=None, *, scale=1.0):
 
 
 def v_state_in_input_dtype(q, k, o, g, initial_state=None, *, scale=1.0):
-    """fp16 inputs, float32 arithmetic, but the state carried between steps is stored in fp16: the state
-    (a sum over steps of k_t v_t^T) leaves fp16's range (65504) long before the answer does."""
+    """fp16 inputs, float32 arithmetic, but the state carried between steps is stored in fp16. Where an
+    ill-conditioned chain drives the answer past fp16's range (65504), the state it carries overflows with it and
+    the next step computes inf - inf: NaN where a correct kernel returns +-inf (the pinned overflow case of
+    la-solve-v, so at every seed), and NaN gradients where the backward's states overflow (``finite``)."""
     return _substitute(q, k, o, g, initial_state, scale, "state-in-input-dtype")
 
 
