@@ -58,11 +58,7 @@ PLOT = ROOT / "reports" / "evidence" / "calibration.svg"
 NOTES = ROOT / "reports" / "evidence" / "calibration_notes.md"
 """Hand-written reading of the results (which slice was run, why a target is missed), included in the report."""
 HEADROOM, SEPARATION = 0.5, 2.0
-KNOWN_DEFECTS = {
-    ("iqa_verify.triton.la_solve_v:la_solve_v_triton", "float16", "la-solve-v/finite"):
-        "NaN gradients (dq, dk, dg) on ill-conditioned systems where the float64 reference is finite; reproduces at"
-        " the base commit 246b872, before any rule of issue #14 (a defect of the kernel, not a false alarm)",
-}
+KNOWN_DEFECTS: dict[tuple[str, str, str], str] = {}
 """Failures of built-ins that are real defects, verified apart from the rules (reported, not counted as false alarms)."""
 UNTOLERANCED = ("contract", "inputs-unchanged", "no-uninit-reads", "deterministic")
 """Properties no tolerance rule decides (bitwise or structural): ``--ratio-only`` leaves them out for correct kernels."""
@@ -171,7 +167,7 @@ def run(args) -> None:
             skip = tuple(f"{fam}/{p}" for p in UNTOLERANCED) if args.ratio_only else ()
             for role, impl, dtype, only, budget, profile in jobs:
                 key = (role, impl, fam, dtype, seed)
-                if key in done:
+                if key in done or (args.kernels and not any(name in impl for name in args.kernels)):
                     continue
                 row = _run(role, impl, fam, dtype, seed, args, only, budget, () if only else skip, profile)
                 with args.results.open("a") as fh:
@@ -348,6 +344,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES + ("float64",))
     ap.add_argument("--profile", default="ci")
     ap.add_argument("--shrink-budget", type=float, default=0.5, help="seconds of shrinking per failure (ratios only)")
+    ap.add_argument("--kernels", nargs="+", metavar="NAME",
+                    help="only kernels whose impl contains one of these (to rerun one kernel after a fix)")
     ap.add_argument("--third-party", action="store_true", help="also the installed third-party kernels (slow on CPU)")
     ap.add_argument("--third-party-budget", type=float, default=4.0, help="seconds per property for them")
     ap.add_argument("--no-planted", action="store_true")

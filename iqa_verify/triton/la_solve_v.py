@@ -27,7 +27,8 @@ so with ``A = dF/dV`` and the incoming cotangent w: ``u = A^{-T} w`` is again a 
 backwards in time with q and k swapped (``u_t = (w_t / scale - exp(g_{t+1}) R^T k_t) / (q_t . k_t)``,
 ``R <- exp(g_{t+1}) R + q_t u_t^T``), by the same Triton kernel on time-reversed inputs; then
 ``dO = u`` and ``d(q, k, g, S_0) = -vjp`` of la_forward at V with cotangent u, by the Triton
-backward of :mod:`iqa_verify.triton.la_forward`.
+backward of :mod:`iqa_verify.triton.la_forward`. The backward runs in the accumulation dtype (float32 for
+bf16/fp16 inputs): an ill-conditioned system's adjoint u can pass fp16's range where every gradient fits it.
 """
 
 from iqa_verify.triton.mode import apply_interpret_mode, block_sizes, overflow_expected
@@ -153,9 +154,14 @@ class _SolveV(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, w, _d_bad):  # type: ignore[override]
-        q, k, g, initial_state, v, pivots = ctx.saved_tensors
+        q_in, k_in, g_in, s0_in, v_in, pivots = ctx.saved_tensors
         scale = ctx.scale
-        B, T, H, _ = q.shape
+        B, T, H, _ = q_in.shape
+        # in the accumulation dtype throughout: the adjoint u of an ill-conditioned system can pass fp16's range
+        # where every gradient fits it (u rounded to fp16 gave inf, then inf - inf = NaN in dq, dk, dg)
+        acc = state_dtype_for(q_in.dtype)
+        q, k, g, v, w = (x.to(acc) for x in (q_in, k_in, g_in, v_in, w))
+        initial_state = s0_in.to(acc) if s0_in is not None else None
         # adjoint solve A^T u = w: backwards in time, q and k swapped, decay g_{t+1}
         g_next = torch.cat([g[:, 1:], torch.zeros_like(g[:, :1])], dim=1)
         flip = lambda x: x.flip(1)  # noqa: E731
@@ -163,7 +169,8 @@ class _SolveV(torch.autograd.Function):
         u = flip(_solve_launch(flip(k), flip(q), flip(w), flip(g_next), None, piv_rev, scale))
         _, _, states, BT = la_fwd_launch(q, k, v, g, initial_state, scale, store_o=False)
         dq, dk, _, dg, ds0 = la_bwd_launch(q, k, v, g, states, -u, None, initial_state is not None, scale, BT)
-        return dq, dk, u.to(q.dtype), dg, ds0, None, None, None
+        ds0 = ds0.to(s0_in.dtype) if ds0 is not None and s0_in is not None else ds0
+        return dq.to(q_in.dtype), dk.to(k_in.dtype), u.to(q_in.dtype), dg.to(g_in.dtype), ds0, None, None, None
 
 
 def la_solve_v_triton(
