@@ -113,7 +113,8 @@ def _done(path: Path) -> set[tuple]:
 
 def _importable(impl: str) -> str:
     """``tests/x/y.py:k`` -> ``tests.x.y:k``: loaded as a module of the repository, because loading by file puts
-    the file's folder on sys.path, where tests/bug_zoo/triton.py would shadow the triton package."""
+    the file's folder on sys.path, where a zoo module named like an installed package would shadow it (the Triton
+    zoo was once ``tests/bug_zoo/triton.py``)."""
     where, _, attr = impl.rpartition(":")
     return f"{where.removesuffix('.py').replace('/', '.')}:{attr}" if where.endswith(".py") else impl
 

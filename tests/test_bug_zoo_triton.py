@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"Trito
 ZOO_PROFILE = Profile("zoo", max_examples=4, size=Size.SMALL, shrink_budget_s=2.0)
 
 if importlib.util.find_spec("triton") is not None and unavailable_reason() is None:
-    from tests.bug_zoo import triton as zoo
+    from tests.bug_zoo import la_forward_triton as zoo
 
     BUGS = zoo.BUGS
 else:  # pragma: no cover - collected but skipped

@@ -5,7 +5,7 @@
 backward is the real Triton backward (:func:`iqa_verify.triton.la_forward.la_bwd_launch`), reading the
 per-chunk states the zoo's forward wrote. Each public function is a kernel with the contract's signature::
 
-    IQA_TRITON_INTERPRET=1 iqa-verify check tests/bug_zoo/triton.py:mask_off_by_one --family la-forward
+    IQA_TRITON_INTERPRET=1 iqa-verify check tests/bug_zoo/la_forward_triton.py:mask_off_by_one --family la-forward
 """
 
 from iqa_verify.triton.mode import apply_interpret_mode, block_sizes
