@@ -318,3 +318,19 @@ def test_triton_type1_gradients_stay_finite_in_fp16_on_an_ill_conditioned_system
     adjoint u to fp16, where an ill-conditioned system's adjoint overflows while every gradient fits; dq, dk, dg
     came out NaN where the float64 reference is finite (-1224 at the first). Its backward now runs in float32."""
     run_one("la-solve-v", "iqa_verify.triton.la_solve_v:la_solve_v_triton", "finite", V_TRITON_NAN_GRADS, torch.float16)
+
+
+V_KEY_OVERFLOWS_FP16 = ('{"B":1,"T":42,"H":1,"D":1,"E":1,"decay":"mild","initial_state":false,"layout":"contiguous",'
+                        '"magnitude":1,"scale":1.0,"seed":1671704,"unknown":"v","conditioning":"well","consistent":true}')
+
+
+def test_solve_inputs_are_finite_in_fp16_where_a_well_conditioned_key_would_overflow() -> None:
+    """Calibration seed 16, float16: V's well-conditioned keys grow like 1/|q_t|, and one sequence of a packed batch
+    got a key past 65504; the case builder rescaled only for o, so both PyTorch built-ins were handed inf keys and
+    their dense fallback raised (a false alarm on four varlen properties). Every input now fits the dtype."""
+    from iqa_verify.properties.la_inverse.varlen import packed_solve_case
+    fam = family("la-solve-v")
+    packed = packed_solve_case(fam.spec_from_json(V_KEY_OVERFLOWS_FP16), torch.float16, torch.device("cpu"))
+    assert all(bool(torch.isfinite(x).all()) for x in packed.inputs.values() if x is not None)
+    run_one("la-solve-v", "iqa_verify.kernels.la_solve_v:la_solve_v", "varlen-backward-error", V_KEY_OVERFLOWS_FP16,
+            torch.float16)

@@ -259,7 +259,9 @@ def build_solve_problem(spec: SolveCase, dtype: torch.dtype) -> SolveProblem:
 
     Range: where o would not fit ``dtype`` with :data:`HEADROOM` (fp16 tops out at 65504; o grows like
     T |q| |k| |v|), q, k, v are scaled by ``f`` and S_0 by ``f^2`` (o scales by ``f^3``) so that it does:
-    a problem whose o cannot be written in the dtype is not an input the kernel can be given.
+    a problem whose o cannot be written in the dtype is not an input the kernel can be given. Likewise where
+    an input itself would not (a key of V's well-conditioned regime, ~1/|q_t|): then every input and o fit
+    with the headroom. Problems whose inputs and o are finite in the dtype are left as they were.
     """
     base = replace(spec.la, layout=Layout.CONTIGUOUS)
     t = build_la_inputs(base, F64, torch.device("cpu"), names=("q", "k", "v"))
@@ -271,6 +273,15 @@ def build_solve_problem(spec: SolveCase, dtype: torch.dtype) -> SolveProblem:
     rounded, o = _rounded_problem(t, spec, dtype, noise)
     limit = torch.finfo(dtype).max / HEADROOM
     peak = float(o.abs().max())
+    if not all(bool(torch.isfinite(x).all()) for x in (*rounded.values(), o) if x is not None):
+        # an input past the dtype's range (V's well-conditioned keys grow like 1/|q_t|: fp16 overflowed one at
+        # calibration seed 16): shrink until every input and o fit, in the float64 problem
+        o64 = la_forward_ref(t["q"], t["k"], t["v"], t["g"], t["initial_state"], scale=la.scale)[0]
+        ins = max(float(t[n].abs().max()) for n in ("q", "k", "v"))
+        s0 = float(t["initial_state"].abs().max()) if t["initial_state"] is not None else 0.0
+        f = min(1.0, (limit / max(float(o64.abs().max()), 1e-300)) ** (1.0 / 3.0), limit / ins,
+                math.sqrt(limit / s0) if s0 else 1.0)
+        peak = limit / f**3  # rescale by f below
     if peak > limit:
         f = (limit / peak) ** (1.0 / 3.0)
         t = dict(t, q=t["q"] * f, k=t["k"] * f, v=t["v"] * f)
