@@ -36,7 +36,14 @@ from iqa_verify.family import NotApplicable, Property, PropertyContext, Violatio
 from iqa_verify.properties.la_forward.cases import Layout
 from iqa_verify.properties.la_forward.natural import dg_natural_scale
 from iqa_verify.properties.la_inverse.cases import SolveCase, build_solve_inputs
-from iqa_verify.properties.la_inverse.checks import DenseSystem, analyse, backward_error_checks, forward_error_checks
+from iqa_verify.properties.la_inverse.checks import (
+    DenseSystem,
+    merge_natural,
+    analyse,
+    backward_error_checks,
+    forward_error_checks,
+    solution_rounding_natural,
+)
 from iqa_verify.properties.recurrent_forward.packing import PackedCase, packing
 from iqa_verify.reference.la_inverse import Unknown, la_solve_v_dense_ref
 from iqa_verify.tolerances import Kind, tolerance
@@ -189,14 +196,15 @@ def _varlen_gradients(ctx: PropertyContext) -> None:
         kappa = float(sys_.kappa.max())
         widen = max(1.0, kappa * kappa * tolerance(Kind.FORWARD_ERROR, dtype).atol / tol.atol)
         f = {n: t.detach().to("cpu", F64) if t is not None else None for n, t in xi.items()}
-        natural = dg_natural_scale(f["q"], f["k"], sys_.x_ref, f["g"], f["initial_state"], ref["o"], None, scale=scale,
-                                   extra=kappa)
+        natural = merge_natural({"g": dg_natural_scale(f["q"], f["k"], sys_.x_ref, f["g"], f["initial_state"], ref["o"], None,
+                                                 scale=scale, extra=kappa)},
+                          solution_rounding_natural(sys_, f, ref["o"], scale, dtype))
         for n, r in ref.items():
             siblings = max(siblings, float(r.abs().max()))
             g = grad(n)[i:i + 1] if n == "initial_state" else grad(n)[:, a:b]
             path = f"grad/dinitial_state[{i}]" if n == "initial_state" else f"grad/d{n}[seq {i}: {a}:{b}]"
             c = compare(path, g, r, tol, dtype=dtype, baseline=base.get(n), scale=widen * float(r.abs().max()),
-                        natural=natural if n == "g" else None, natural_tol=nat_tol)
+                        natural=natural.get(n), natural_tol=nat_tol)
             checks.append(c)
     if skipped:
         checks.append(TensorCheck(path="grad/*[not smooth]", passed=True, ratio=0.0,

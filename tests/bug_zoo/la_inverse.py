@@ -43,6 +43,8 @@ def _substitute(q, k, o, g, initial_state, scale, bug: str = ""):
     if bug == "wrong-pivot":  # |q_t| |k_t| in place of q_t · k_t
         pivot = Q.norm(dim=-1) * K.norm(dim=-1)
     singular = (Q * K).sum(-1).abs() <= D * torch.finfo(acc).eps * (Q * K).abs().sum(-1)
+    if bug == "pivot-detached":  # the pivots taken as constants of the solve: dq, dk lose the -v_t / (q_t·k_t) term
+        pivot = pivot.detach()
     safe = pivot if bug == "exact-inverse" else torch.where(singular, torch.ones_like(pivot), pivot)
     lam = torch.ones_like(G) if bug == "decay-forgotten" else torch.exp(G)
     rhs_scale = 1.0 if bug == "scale-ignored" else scale
@@ -155,6 +157,12 @@ def v_state_in_bf16(q, k, o, g, initial_state=None, *, scale=1.0):
     return _substitute(q, k, o, g, initial_state, scale, "state-in-input-dtype")
 
 
+def v_pivot_detached(q, k, o, g, initial_state=None, *, scale=1.0):
+    """Values exact; in the backward the pivots q_t·k_t are constants, so dq and dk miss the term through them.
+    Judged by ``gradients`` with the solution-rounding natural scale in the allowance (it must not hide it)."""
+    return _substitute(q, k, o, g, initial_state, scale, "pivot-detached")
+
+
 def v_initial_state_ignored(q, k, o, g, initial_state=None, *, scale=1.0):
     return _substitute(q, k, o, g, initial_state, scale, "initial-state-ignored")
 
@@ -230,6 +238,7 @@ BUGS: tuple[PlantedBug, ...] = (
     _b("v_wrong_pivot", V, ("backward-error",), "wrong pivot |q_t||k_t| for q_t·k_t"),
     _b("v_exact_inverse", V, ("backward-error", "finite"), "exact inverse where q_t·k_t = 0 needs a pseudo-inverse"),
     _b("v_singular_step_zeroed", V, ("minimum-norm",), "singular step zeroed: a least-squares answer, not minimum-norm"),
+    _b("v_pivot_detached", V, ("gradients",), "pivots q_t·k_t taken as constants in the backward"),
     _b("v_state_in_input_dtype", V, ("backward-error", "finite"),
        "state carried in fp16 (accumulation in the input dtype) overflows its range", "float16"),
     _b("v_state_in_bf16", V, ("minimum-norm",),
