@@ -511,9 +511,9 @@ def check_gradients(ctx: PropertyContext) -> None:
     kappa = float(sys_.kappa.max())
     # derivatives of a least-squares solution are conditioned like kappa^2: allow kappa^2 * FORWARD_ERROR atol
     widen = max(1.0, kappa * kappa * tolerance(Kind.FORWARD_ERROR, case.dtype).atol / tol.atol)
-    natural = merge_natural({"g": _dg_natural_scale(case, sys_, ref.grads.get("o"), kappa)},
-                      solution_rounding_natural(sys_, _float64_inputs(case), ref.grads.get("o"), case.kwargs["scale"],
-                                                case.dtype))
+    w = ref.grads.get("o")
+    natural = merge_natural({"g": _dg_natural_scale(case, sys_, w, kappa)},
+                            solution_rounding_natural(sys_, _float64_inputs(case), w, case.kwargs["scale"], case.dtype))
     nat_tol = tolerance(Kind.NATURAL_SCALE, case.dtype)
     checks = []
     for n, r in ref.grads.items():

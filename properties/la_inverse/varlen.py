@@ -196,9 +196,9 @@ def _varlen_gradients(ctx: PropertyContext) -> None:
         kappa = float(sys_.kappa.max())
         widen = max(1.0, kappa * kappa * tolerance(Kind.FORWARD_ERROR, dtype).atol / tol.atol)
         f = {n: t.detach().to("cpu", F64) if t is not None else None for n, t in xi.items()}
-        natural = merge_natural({"g": dg_natural_scale(f["q"], f["k"], sys_.x_ref, f["g"], f["initial_state"], ref["o"], None,
-                                                 scale=scale, extra=kappa)},
-                          solution_rounding_natural(sys_, f, ref["o"], scale, dtype))
+        natural = merge_natural({"g": dg_natural_scale(f["q"], f["k"], sys_.x_ref, f["g"], f["initial_state"], ref["o"],
+                                                       None, scale=scale, extra=kappa)},
+                                solution_rounding_natural(sys_, f, ref["o"], scale, dtype))
         for n, r in ref.items():
             siblings = max(siblings, float(r.abs().max()))
             g = grad(n)[i:i + 1] if n == "initial_state" else grad(n)[:, a:b]
