@@ -169,7 +169,7 @@ class _SolveV(torch.autograd.Function):
         u = flip(_solve_launch(flip(k), flip(q), flip(w), flip(g_next), None, piv_rev, scale))
         _, _, states, BT = la_fwd_launch(q, k, v, g, initial_state, scale, store_o=False)
         dq, dk, _, dg, ds0 = la_bwd_launch(q, k, v, g, states, -u, None, initial_state is not None, scale, BT)
-        ds0 = ds0.to(s0_in.dtype) if ds0 is not None and s0_in is not None else ds0
+        ds0 = ds0.to(s0_in.dtype) if ds0 is not None else None  # only with an initial state
         return dq.to(q_in.dtype), dk.to(k_in.dtype), u.to(q_in.dtype), dg.to(g_in.dtype), ds0, None, None, None
 
 

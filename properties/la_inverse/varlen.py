@@ -38,10 +38,10 @@ from iqa_verify.properties.la_forward.natural import dg_natural_scale
 from iqa_verify.properties.la_inverse.cases import SolveCase, build_solve_inputs
 from iqa_verify.properties.la_inverse.checks import (
     DenseSystem,
-    merge_natural,
     analyse,
     backward_error_checks,
     forward_error_checks,
+    merge_natural,
     solution_rounding_natural,
 )
 from iqa_verify.properties.recurrent_forward.packing import PackedCase, packing
