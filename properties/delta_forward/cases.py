@@ -31,12 +31,15 @@ class Keys(enum.Enum):
 
 class Beta(enum.Enum):
     """UNIFORM beta ~ U(0, 1); ONE beta == 1 (full replacement: I - k k^T a projection); ZERO beta == 0
-    (the state only decays); MIXED about a third each of 0, 1 and U(0, 1)."""
+    (the state only decays); MIXED about a third each of 0, 1 and U(0, 1); SMALL beta ~ U(0, 0.05) (a small
+    learning rate: each step moves the state by a few per cent, which a state rounded to bf16 loses, and the
+    erase term is too weak to bound the drift). SMALL is pinned, not drawn (see ``delta_cases``)."""
 
     UNIFORM = "uniform"
     ONE = "one"
     ZERO = "zero"
     MIXED = "mixed"
+    SMALL = "small"
 
 
 class Decay(enum.Enum):
@@ -115,6 +118,11 @@ _BOUNDS = {
 }
 
 
+# The regimes the random search draws. Regimes added later are pinned only, so that ``check --seed N`` keeps
+# drawing the examples the calibration (reports/evidence/calibration.md) recorded for seed N.
+_DRAWN_BETAS = (Beta.UNIFORM, Beta.ONE, Beta.ZERO, Beta.MIXED)
+
+
 def delta_cases(profile: Profile) -> st.SearchStrategy[DeltaCase]:
     """Specs for ``delta-forward`` within the profile's bounds.
 
@@ -133,7 +141,7 @@ def delta_cases(profile: Profile) -> st.SearchStrategy[DeltaCase]:
         D=st.integers(1, max_d),
         E=st.integers(1, max_d),
         keys=st.sampled_from([Keys.UNIT, Keys.UNIT, Keys.UNIT, Keys.SMALL]),
-        beta=st.sampled_from(Beta),
+        beta=st.sampled_from(_DRAWN_BETAS),
         decay=st.sampled_from(Decay),
         initial_state=st.booleans(),
         layout=st.sampled_from(Layout),
@@ -156,6 +164,7 @@ def pinned_delta_cases(profile: Profile) -> list[DeltaCase]:
         DeltaCase(B=2, T=33, H=1, D=4, E=4, beta=Beta.ZERO, decay=Decay.STRONG, initial_state=True,
                   layout=Layout.SLICED, scale=2.5, seed=5),
         DeltaCase(B=1, T=65, H=2, D=3, E=2, keys=Keys.SMALL, decay=Decay.ZERO, magnitude=-2, initial_state=True, seed=6),
+        DeltaCase(B=1, T=long_t, H=2, D=8, E=4, beta=Beta.SMALL, initial_state=True, seed=9),
         # the reference-free properties run this one past 1024 steps (16 chunks of 64)
         DeltaCase(B=1, T=long_t, H=2, D=4, E=4, decay=Decay.MILD, seed=7, free_T=1100),
     ]
@@ -176,6 +185,8 @@ def _beta(spec: DeltaCase, gen: torch.Generator) -> torch.Tensor:
         return torch.ones(shape, dtype=torch.float64)
     if spec.beta is Beta.ZERO:
         return torch.zeros(shape, dtype=torch.float64)
+    if spec.beta is Beta.SMALL:
+        return 0.05 * u
     if spec.beta is Beta.MIXED:
         pick = torch.rand(shape, generator=gen, dtype=torch.float64)
         return torch.where(pick < 1 / 3, 0.0, torch.where(pick < 2 / 3, 1.0, u))
