@@ -18,7 +18,9 @@ The full matrix of the issue (>= 20 seeds x 3 dtypes x every kernel x 7 families
     python scripts/calibrate.py --report
 
 A slice: ``--seeds 0-4 --families la-forward la-solve-q --dtypes float32``. ``pytest -m slow
-tests/test_calibration_rules.py`` runs a one-seed slice.
+tests/test_calibration_rules.py`` runs a one-seed slice. After a change to one rule, ``--properties gradients``
+reruns those properties only (every role; a planted bug only where it is meant to be caught by one of them) and
+replaces them in the rows already there, each property entry recording the commit it was judged at.
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ def _run(role: str, impl: str, fam: str, dtype: str, seed: int, args, only=(), b
                     time_budget_s=budget, isolation=InProcess())
     verdict = check(cfg, only=only, skip=skip)
     props = []
+    rerun = bool(args.properties)
     for r in verdict.results:
         if r.status is Status.SKIPPED:
             continue
@@ -144,27 +147,60 @@ def _run(role: str, impl: str, fam: str, dtype: str, seed: int, args, only=(), b
                       "max_ratio": max(finite) if finite else None,
                       "nonfinite_ratio": ratio is not None and not math.isfinite(ratio),
                       "budget_reached": r.budget_reached,
-                      "message": (r.counterexample.message[:400] if r.counterexample else (r.error or ""))[:400]})
+                      "message": (r.counterexample.message[:400] if r.counterexample else (r.error or ""))[:400],
+                      **({"commit": _COMMIT} if rerun else {})})
     return {"role": role, "impl": impl, "family": fam, "dtype": dtype, "seed": seed, "props": props,
             "profile": prof.name, "seconds": round(time.monotonic() - started, 1), "commit": _COMMIT}
 
 
+def _replace_properties(path: Path, row: dict) -> bool:
+    """Put ``row``'s property entries in place of those with the same id in the row of the same key already in
+    ``path``; False where there is no such row."""
+    key = (row["role"], row["impl"], row["family"], row["dtype"], row["seed"])
+    lines = [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    for n, line in enumerate(lines):
+        old = json.loads(line)
+        if (old["role"], old["impl"], old["family"], old["dtype"], old["seed"]) == key:
+            new = {p["id"]: p for p in row["props"]}
+            old["props"] = [new.pop(p["id"], p) for p in old["props"]] + list(new.values())
+            lines[n] = json.dumps(old)
+            path.write_text("\n".join(lines) + "\n")
+            return True
+    return False
+
+
+def _selected(fam: str, only: tuple[str, ...], properties: list[str] | None) -> tuple[str, ...] | None:
+    """The property ids a job runs under ``--properties`` (None: skip the job; () : all)."""
+    if not properties:
+        return only
+    wanted = tuple(f"{fam}/{p}" for p in properties if any(q.id == f"{fam}/{p}" for q in family(fam).properties))
+    picked = tuple(p for p in wanted if not only or p in only)
+    return picked or None
+
+
+def _jobs(args, seed: int, fam: str) -> list[tuple]:
+    """(role, impl, dtype, only, time budget, profile) of every run of ``fam`` at ``seed``."""
+    jobs = []
+    for dtype in args.dtypes:
+        # built-ins where the suite itself runs them on CPU (a Triton kernel: interpreter, smoke profile)
+        jobs += [("builtin", k.impl, dtype, (), None, k.profile) for k in builtin_kernels(fam) if k.device in (None, "cpu")]
+        jobs += [("correct", impl, dtype, (), None, None) for impl in _correct_kernels(fam)]
+        if args.third_party:
+            jobs += [("third-party", k.impl, dtype, (), args.third_party_budget, None) for k in third_party_kernels(fam)]
+    if not args.no_planted and (args.planted_seeds is None or seed in _seeds(args.planted_seeds)):
+        jobs += [("planted", _impl_of_bug(b), b.dtype, b.caught_by, None, None) for b in _planted(fam)]
+    return jobs
+
+
 def run(args) -> None:
+    if args.properties:  # a rerun of some properties: every (role, kernel, dtype, seed) runs again
+        _rerun(args)
+        return
     done = _done(args.results)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for seed in _seeds(args.seeds):
         for fam in args.families:
-            jobs = []
-            for dtype in args.dtypes:
-                # built-ins where the suite itself runs them on CPU (a Triton kernel: interpreter, smoke profile)
-                jobs += [("builtin", k.impl, dtype, (), None, k.profile) for k in builtin_kernels(fam)
-                         if k.device in (None, "cpu")]
-                jobs += [("correct", impl, dtype, (), None, None) for impl in _correct_kernels(fam)]
-                if args.third_party:
-                    jobs += [("third-party", k.impl, dtype, (), args.third_party_budget, None)
-                             for k in third_party_kernels(fam)]
-            if not args.no_planted and (args.planted_seeds is None or seed in _seeds(args.planted_seeds)):
-                jobs += [("planted", _impl_of_bug(b), b.dtype, b.caught_by, None, None) for b in _planted(fam)]
+            jobs = _jobs(args, seed, fam)
             skip = tuple(f"{fam}/{p}" for p in UNTOLERANCED) if args.ratio_only else ()
             for role, impl, dtype, only, budget, profile in jobs:
                 key = (role, impl, fam, dtype, seed)
@@ -178,6 +214,24 @@ def run(args) -> None:
                 fails = [p["id"] for p in row["props"] if p["status"] in ("failed", "error")]
                 print(f"seed {seed} {fam} {dtype} {role} {impl}: {row.get('seconds', 0)}s worst {worst:.3g}"
                       f" failed {fails}", flush=True)
+
+
+def _rerun(args) -> None:
+    for seed in _seeds(args.seeds):
+        for fam in args.families:
+            jobs = _jobs(args, seed, fam)
+            for role, impl, dtype, only, budget, profile in jobs:
+                picked = _selected(fam, only, args.properties)
+                if picked is None or (args.kernels and not any(name in impl for name in args.kernels)):
+                    continue
+                row = _run(role, impl, fam, dtype, seed, args, picked, budget, (), profile)
+                if not _replace_properties(args.results, row):
+                    with args.results.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                worst = max((p["worst_ratio"] or 0.0 for p in row["props"]), default=0.0)
+                fails = [p["id"] for p in row["props"] if p["status"] in ("failed", "error")]
+                print(f"seed {seed} {fam} {dtype} {role} {impl} {','.join(picked)}: {row.get('seconds', 0)}s"
+                      f" worst {worst:.3g} failed {fails}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -236,7 +290,7 @@ def report(args) -> None:
         f"Generated by `python scripts/calibrate.py --report` from `{args.results.resolve().relative_to(ROOT) if args.results.resolve().is_relative_to(ROOT) else args.results}`"
         f" ({len(rows)} runs). Profile ci (same examples as `iqa-verify check --seed N`; shrinking cut short, only"
         f" ratios are recorded). Seeds run: {', '.join(map(str, seeds)) or 'none'}. Rules judged at commit(s):"
-        f" {', '.join(sorted({r.get('commit', 'unrecorded') for r in rows})) or 'none'}.",
+        f" {', '.join(sorted({r.get('commit', 'unrecorded') for r in rows} | {p['commit'] for r in rows for p in r['props'] if 'commit' in p})) or 'none'}.",
         "",
         "Kernels counted as correct: the built-ins and the independent kernels of `tests/correct_kernels`"
         " (third-party kernels are listed apart: they are not known to be correct). Per family x property:"
@@ -353,6 +407,9 @@ def main(argv=None) -> int:
     ap.add_argument("--planted-seeds", default=None, help="seeds for the planted bugs (default: every seed)")
     ap.add_argument("--ratio-only", action="store_true",
                     help=f"leave out {', '.join(UNTOLERANCED)} for correct kernels (no tolerance decides them)")
+    ap.add_argument("--properties", nargs="+", metavar="NAME",
+                    help="rerun only these properties (e.g. gradients varlen-gradients), replacing them in the rows"
+                         " already in --results")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--report", action="store_true", help="only write calibration.md and .svg from the results")
     args = ap.parse_args(argv)

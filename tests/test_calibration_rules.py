@@ -389,3 +389,17 @@ def test_pinned_regime_separates_the_low_precision_bug_from_correct_kernels(fami
     for impl in correct:
         ctx = run_one(family_name, impl, "values", spec, torch.bfloat16)
         assert max(c.ratio for c in ctx.checks) <= 0.5
+
+
+IQA_CANCELLING_DX = ('{"B":1,"N":6,"Din":1,"Dk":6,"E":5,"value_projection":false,"kind":"non-contractive","target":3.0,'
+                     '"transposed":true,"seed":412}')
+
+
+@pytest.mark.parametrize("impl", ["tests/correct_kernels/iqa.py:iqa_newton_f64", "tests/correct_kernels/iqa.py:iqa_picard_acc",
+                                  "iqa_verify.iqa.kernel:iqa_forward_fixed_point_implicit"])
+def test_reference_gradients_use_the_cotangent_the_kernel_was_handed(impl: str) -> None:
+    """ci seed 12, bf16: dx is 100x smaller than its terms, and the reference differentiated against the float64
+    cotangent while the kernel was handed it rounded to bf16: every correct kernel sat at 0.96-0.99 of the
+    allowance on that rounding alone. The cotangents now hold values the dtype represents exactly."""
+    ctx = run_one("iqa", impl, "gradients", IQA_CANCELLING_DX, torch.bfloat16)
+    assert max(c.ratio for c in ctx.checks) <= 0.5
