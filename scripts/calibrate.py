@@ -21,6 +21,9 @@ A slice: ``--seeds 0-4 --families la-forward la-solve-q --dtypes float32``. ``py
 tests/test_calibration_rules.py`` runs a one-seed slice. After a change to one rule, ``--properties gradients``
 reruns those properties only (every role; a planted bug only where it is meant to be caught by one of them) and
 replaces them in the rows already there, each property entry recording the commit it was judged at.
+Processes run side by side write ``--results`` files of their own; ``--merge FILE...`` merges them into
+``--results`` (later files win on role, kernel, family, dtype and seed; a ``--properties`` row replaces only its
+properties) and writes the report.
 """
 
 from __future__ import annotations
@@ -153,20 +156,45 @@ def _run(role: str, impl: str, fam: str, dtype: str, seed: int, args, only=(), b
             "profile": prof.name, "seconds": round(time.monotonic() - started, 1), "commit": _COMMIT}
 
 
+def _key(row: dict) -> tuple:
+    return (row["role"], row["impl"], row["family"], row["dtype"], row["seed"])
+
+
+def _is_rerun(row: dict) -> bool:
+    """A row of ``--properties``: its property entries each record the commit they were judged at."""
+    return bool(row["props"]) and all("commit" in p for p in row["props"])
+
+
+def _merged(old: dict, new: dict) -> dict:
+    """``new`` in place of ``old``: a ``--properties`` row replaces only the properties it holds."""
+    if not _is_rerun(new):
+        return new
+    fresh = {p["id"]: p for p in new["props"]}
+    return {**old, "props": [fresh.pop(p["id"], p) for p in old["props"]] + list(fresh.values())}
+
+
 def _replace_properties(path: Path, row: dict) -> bool:
     """Put ``row``'s property entries in place of those with the same id in the row of the same key already in
     ``path``; False where there is no such row."""
-    key = (row["role"], row["impl"], row["family"], row["dtype"], row["seed"])
     lines = [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
     for n, line in enumerate(lines):
         old = json.loads(line)
-        if (old["role"], old["impl"], old["family"], old["dtype"], old["seed"]) == key:
-            new = {p["id"]: p for p in row["props"]}
-            old["props"] = [new.pop(p["id"], p) for p in old["props"]] + list(new.values())
-            lines[n] = json.dumps(old)
+        if _key(old) == _key(row):
+            lines[n] = json.dumps(_merged(old, row))
             path.write_text("\n".join(lines) + "\n")
             return True
     return False
+
+
+def merge(into: Path, sources: list[Path]) -> int:
+    """Rows of ``sources`` (other processes' ``--results``) into ``into``, in order, later ones winning on (role,
+    kernel, family, dtype, seed); a ``--properties`` row replaces only its properties. Returns the row count."""
+    rows: dict[tuple, dict] = {}
+    for path in [into, *sources]:
+        for row in _load(path):
+            rows[_key(row)] = _merged(rows[_key(row)], row) if _key(row) in rows else row
+    into.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    return len(rows)
 
 
 def _selected(fam: str, only: tuple[str, ...], properties: list[str] | None) -> tuple[str, ...] | None:
@@ -412,8 +440,12 @@ def main(argv=None) -> int:
                          " already in --results")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--report", action="store_true", help="only write calibration.md and .svg from the results")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="FILE",
+                    help="merge these results files (other processes' --results, in order) into --results, then report")
     args = ap.parse_args(argv)
-    if not args.report:
+    if args.merge:
+        print(f"{merge(args.results, args.merge)} rows in {args.results}")
+    elif not args.report:
         run(args)
     report(args)
     return 0

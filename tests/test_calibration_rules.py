@@ -115,9 +115,7 @@ def test_componentwise_bound_catches_a_bf16_state_type1_solver_and_spares_correc
         run_one("la-solve-v", "tests/bug_zoo/la_inverse.py:v_state_in_bf16", "minimum-norm", V_BF16_CASE, torch.bfloat16)
 
 
-@pytest.mark.slow
-def test_calibration_slice_has_no_false_alarm(tmp_path) -> None:
-    """One seed of the calibration matrix (scripts/calibrate.py; the full matrix is run by hand)."""
+def _calibrate_script():
     import importlib.util
     from pathlib import Path
 
@@ -125,6 +123,36 @@ def test_calibration_slice_has_no_false_alarm(tmp_path) -> None:
     spec = importlib.util.spec_from_file_location("calibrate", path)
     cal = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cal)
+    return cal
+
+
+def test_calibration_merge_replaces_rows_and_rerun_properties(tmp_path) -> None:
+    """Processes' results merge into one file: a full row replaces the row of its key, a ``--properties`` row
+    (each entry with its commit) only the properties it holds."""
+    import json
+
+    cal = _calibrate_script()
+
+    def row(seed, props, **kw):
+        return {"role": "correct", "impl": "k", "family": "f", "dtype": "float32", "seed": seed, "props": props, **kw}
+
+    base, rerun, full = tmp_path / "base.jsonl", tmp_path / "rerun.jsonl", tmp_path / "full.jsonl"
+    base.write_text("".join(json.dumps(r) + "\n" for r in [
+        row(0, [{"id": "f/values", "worst_ratio": 0.1}, {"id": "f/gradients", "worst_ratio": 0.9}], commit="old"),
+        row(1, [{"id": "f/values", "worst_ratio": 0.2}], commit="old")]))
+    rerun.write_text(json.dumps(row(0, [{"id": "f/gradients", "worst_ratio": 0.03, "commit": "new"}], commit="new")) + "\n")
+    full.write_text(json.dumps(row(1, [{"id": "f/values", "worst_ratio": 0.3}], commit="new")) + "\n")
+    assert cal.merge(base, [rerun, full]) == 2
+    merged = {r["seed"]: r for r in cal._load(base)}
+    assert merged[0]["commit"] == "old" and merged[0]["props"] == [
+        {"id": "f/values", "worst_ratio": 0.1}, {"id": "f/gradients", "worst_ratio": 0.03, "commit": "new"}]
+    assert merged[1] == row(1, [{"id": "f/values", "worst_ratio": 0.3}], commit="new")
+
+
+@pytest.mark.slow
+def test_calibration_slice_has_no_false_alarm(tmp_path) -> None:
+    """One seed of the calibration matrix (scripts/calibrate.py; the full matrix is run by hand)."""
+    cal = _calibrate_script()
     results = tmp_path / "results.jsonl"
     cal.REPORT, cal.PLOT = tmp_path / "calibration.md", tmp_path / "calibration.svg"
     cal.main(["--seeds", "0", "--results", str(results)])
