@@ -34,6 +34,7 @@ import triton.language as tl  # noqa: E402
 from torch.autograd.function import FunctionCtx, once_differentiable  # noqa: E402
 
 from iqa_verify.contracts import state_dtype_for  # noqa: E402
+from iqa_verify.triton.rounding import to_output  # noqa: E402
 from iqa_verify.errors import IqaVerifyError  # noqa: E402
 from iqa_verify.iqa.backward import Implicit  # noqa: E402
 from iqa_verify.contracts import check_iqa_forward_inputs  # noqa: E402
@@ -84,8 +85,8 @@ def _iqa_map_fwd_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     rows = i_b * N + offs_i
-    tl.store(f + rows[:, None] * E + offs_e[None, :], out.to(f.dtype.element_ty), mask=mi[:, None] & me[None, :])
-    tl.store(lse + rows, m_i + tl.log(l_i), mask=mi)
+    tl.store(f + rows[:, None] * E + offs_e[None, :], to_output(out, f.dtype.element_ty), mask=mi[:, None] & me[None, :])
+    tl.store(lse + rows, to_output(m_i + tl.log(l_i), lse.dtype.element_ty), mask=mi)
 
 
 @triton.jit
@@ -123,7 +124,7 @@ def _iqa_map_bwd_dk_kernel(
         dp = tl.dot(dfi, tl.trans(vj), input_precision="ieee", out_dtype=ACC)
         ds = p * (dp - dl_i[:, None])
         dki += scale * tl.dot(ds, qj, input_precision="ieee", out_dtype=ACC)
-    tl.store(dk + (i_b * N + offs_i)[:, None] * DK + offs_d[None, :], dki.to(dk.dtype.element_ty),
+    tl.store(dk + (i_b * N + offs_i)[:, None] * DK + offs_d[None, :], to_output(dki, dk.dtype.element_ty),
              mask=mi[:, None] & mdk[None, :])
 
 
@@ -166,9 +167,9 @@ def _iqa_map_bwd_dq_kernel(
         dqj += scale * tl.dot(tl.trans(ds), ki, input_precision="ieee", out_dtype=ACC)
     dyj = tl.dot(dqj, tl.trans(w), input_precision="ieee", out_dtype=ACC)
     rows = i_b * N + offs_j
-    tl.store(dq + rows[:, None] * DK + offs_d[None, :], dqj.to(dq.dtype.element_ty), mask=mj[:, None] & mdk[None, :])
-    tl.store(dy + rows[:, None] * E + offs_e[None, :], dyj.to(dy.dtype.element_ty), mask=mj[:, None] & me[None, :])
-    tl.store(dv + rows[:, None] * E + offs_e[None, :], dvj.to(dv.dtype.element_ty), mask=mj[:, None] & me[None, :])
+    tl.store(dq + rows[:, None] * DK + offs_d[None, :], to_output(dqj, dq.dtype.element_ty), mask=mj[:, None] & mdk[None, :])
+    tl.store(dy + rows[:, None] * E + offs_e[None, :], to_output(dyj, dy.dtype.element_ty), mask=mj[:, None] & me[None, :])
+    tl.store(dv + rows[:, None] * E + offs_e[None, :], to_output(dvj, dv.dtype.element_ty), mask=mj[:, None] & me[None, :])
 
 
 def _tiles(N: int, E: int, Dk: int) -> tuple[int, int, int]:

@@ -37,6 +37,7 @@ import triton.language as tl  # noqa: E402
 from torch.autograd.function import FunctionCtx, once_differentiable  # noqa: E402
 
 from iqa_verify.contracts import check_la_forward_inputs, state_dtype_for  # noqa: E402
+from iqa_verify.triton.rounding import to_output  # noqa: E402
 
 __all__ = ["la_forward_triton", "la_forward_triton_reference", "chunk_size_for"]
 
@@ -98,7 +99,7 @@ def _la_fwd_kernel(
             out = tl.dot(p, bv, input_precision="ieee", out_dtype=ACC)
             out += tl.dot(qd, S, input_precision="ieee", out_dtype=ACC)
             tl.store(o + i_b * so_b + i_h * so_h + t[:, None] * so_t + offs_e[None, :] * so_e,
-                     (scale * out).to(o.dtype.element_ty), mask=mt[:, None] & me[None, :])
+                     to_output(scale * out, o.dtype.element_ty), mask=mt[:, None] & me[None, :])
         kd = bk * tl.exp(b_last - b)[:, None]
         S = tl.exp(b_last) * S + tl.dot(tl.trans(kd), bv, input_precision="ieee", out_dtype=ACC)
     tl.store(final + pid * D * E + st_off, S, mask=mde)
@@ -172,13 +173,13 @@ def _la_bwd_kernel(
         # outputs are contiguous [B, T, H, *]
         row_d = ((i_b * T + t) * H + i_h) * D
         row_e = ((i_b * T + t) * H + i_h) * E
-        tl.store(dq + row_d[:, None] + offs_d[None, :], dqq.to(dq.dtype.element_ty), mask=m_td)
-        tl.store(dk + row_d[:, None] + offs_d[None, :], dkk.to(dk.dtype.element_ty), mask=m_td)
-        tl.store(dv + row_e[:, None] + offs_e[None, :], dvv.to(dv.dtype.element_ty), mask=m_te)
-        tl.store(dg + (i_b * T + t) * H + i_h, dgg.to(dg.dtype.element_ty), mask=mt)
+        tl.store(dq + row_d[:, None] + offs_d[None, :], to_output(dqq, dq.dtype.element_ty), mask=m_td)
+        tl.store(dk + row_d[:, None] + offs_d[None, :], to_output(dkk, dk.dtype.element_ty), mask=m_td)
+        tl.store(dv + row_e[:, None] + offs_e[None, :], to_output(dvv, dv.dtype.element_ty), mask=m_te)
+        tl.store(dg + (i_b * T + t) * H + i_h, to_output(dgg, dg.dtype.element_ty), mask=mt)
         dU = tl.exp(b_last) * dU + ds_in
     if HAS_S0:
-        tl.store(ds0 + pid * D * E + st_off, dU.to(ds0.dtype.element_ty), mask=mde)
+        tl.store(ds0 + pid * D * E + st_off, to_output(dU, ds0.dtype.element_ty), mask=mde)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:

@@ -43,6 +43,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable  # noqa: E4
 from iqa_verify.contracts import check_la_solve_inputs, state_dtype_for  # noqa: E402
 from iqa_verify.kernels.la_solve_v import _least_squares_heads, _singular_steps  # noqa: E402
 from iqa_verify.triton.la_forward import la_bwd_launch, la_fwd_launch  # noqa: E402
+from iqa_verify.triton.rounding import to_output  # noqa: E402
 
 __all__ = ["SOLVE_CHUNK", "la_solve_v_triton", "la_solve_v_triton_reference"]
 
@@ -113,7 +114,7 @@ def _solve_v_kernel(
         sol = _unit_lower_solve(a, rhs / bp[:, None], LOG_BT, ACC)
         res = rhs - bp[:, None] * sol - tl.dot(low, sol, input_precision="ieee", out_dtype=ACC)
         sol += _unit_lower_solve(a, res / bp[:, None], LOG_BT, ACC)
-        tl.store(v + ((i_b * T + t[:, None]) * H + i_h) * E + offs_e[None, :], sol.to(v.dtype.element_ty), mask=m_te)
+        tl.store(v + ((i_b * T + t[:, None]) * H + i_h) * E + offs_e[None, :], to_output(sol, v.dtype.element_ty), mask=m_te)
         kd = bk * tl.exp(b_last - b)[:, None]
         S = tl.exp(b_last) * S + tl.dot(tl.trans(kd), sol, input_precision="ieee", out_dtype=ACC)
 
