@@ -101,6 +101,8 @@ class DenseSystem:
     magnitude: torch.Tensor | None = None
     cum_g: torch.Tensor | None = None
     D: int = 0
+    # bounds derived from the system alone, computed once however many properties ask (see _skeel)
+    derived: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def identifiable(self, bh: tuple[int, int]) -> bool:
         return int(self.rank[bh]) == self.n_cols
@@ -141,6 +143,14 @@ def _unknown(case: Case) -> Unknown:
 
 def _float64_inputs(case: Case) -> dict[str, torch.Tensor | None]:
     return {n: (t.detach().to("cpu", F64) if t is not None else None) for n, t in case.inputs.items()}
+
+
+def _case_system(ctx: PropertyContext) -> DenseSystem:
+    """The dense analysis of the case's own system (an SVD per batch-head), once per case: every property judging
+    the case reads the same one (it was computed again by each of six)."""
+    case = ctx.case
+    return ctx.memoized(("la-inverse", "system"),
+                        lambda: analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"]))
 
 
 def analyse(unknown: Unknown, inputs: dict[str, torch.Tensor | None], scale: float) -> DenseSystem:
@@ -268,7 +278,7 @@ def _unvec(x: torch.Tensor, T: int, n: int) -> torch.Tensor:
 def check_backward_error(ctx: PropertyContext) -> None:
     x = _solve(ctx)
     case = ctx.case
-    sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
+    sys_ = _case_system(ctx)
     checks = backward_error_checks(f"out/{_unknown(case).value}", "normal-residual", x, sys_, case.dtype)
     ctx.require(checks, "normal-equation residual A^T(A x - b) too large: x is not a least-squares solution")
 
@@ -317,7 +327,7 @@ def backward_error_checks(out_path: str, path: str, x: torch.Tensor, sys_: Dense
 def check_o_roundtrip(ctx: PropertyContext) -> None:
     x = _solve(ctx)
     case = ctx.case
-    sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
+    sys_ = _case_system(ctx)
     lm = sys_.lmap
     got = lm.apply(x)  # la_forward with the solution, float64
     want = lm.apply(sys_.x_ref)  # the consistent part of o
@@ -361,22 +371,36 @@ def _skeel(sys_: DenseSystem, want: torch.Tensor, o_rounding: torch.Tensor | Non
     term at every step) exceeds this element by element, where the normwise ``kappa ‖x‖`` spread over all T·E
     entries does not (issue #14). ``o_rounding`` (round trips): ``want`` is the answer for the unrounded o, so
     ``|A^{-1}| |δo|`` is allowed on top, twice (at T = 1 the answer moves by exactly that much: like the ulp, the
-    bound is doubled so a correct solver sits at half of it). Returned as the scale of ``COMPONENTWISE.atol``."""
+    bound is doubled so a correct solver sits at half of it). Returned as the scale of ``COMPONENTWISE.atol``.
+    For the system's own answer (``want`` is ``x_ref``, no rounding of o) it is computed once per system: the
+    ``minimum-norm`` check and the gradients' natural scale both ask for it."""
     if sys_.unknown is not Unknown.V or sys_.magnitude is None or sys_.cum_g is None:
         return None
+    if want is sys_.x_ref and o_rounding is None:
+        key = ("skeel", dtype)
+        if key not in sys_.derived:
+            sys_.derived[key] = _skeel_bound(sys_, want, None, dtype)
+        return sys_.derived[key]
+    return _skeel_bound(sys_, want, o_rounding, dtype)
+
+
+def _skeel_bound(sys_: DenseSystem, want: torch.Tensor, o_rounding: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     atol = tolerance(Kind.COMPONENTWISE, dtype).atol
     A, Amag = sys_.lmap.matrix, sys_.magnitude
     T, E = want.shape[1], sys_.lmap.n
-    inv = torch.linalg.inv(torch.where((sys_.rank == sys_.n_cols)[..., None, None], A, torch.eye(A.shape[-1], dtype=F64)))
+    if "|inv|" not in sys_.derived:  # |A^{-1}| of the identifiable blocks, shared by every bound on this system
+        full = (sys_.rank == sys_.n_cols)[..., None, None]
+        sys_.derived["|inv|"] = torch.linalg.inv(torch.where(full, A, torch.eye(A.shape[-1], dtype=F64))).abs()
+    inv_abs = sys_.derived["|inv|"]
     bt = sys_.cum_g.abs().repeat_interleave(E, dim=-1)  # |b_t| per row/column of A: [B, H, T*E]
     n = T + sys_.D + 3
     xw = _vec_unknown(want)
     o_vec = (A @ xw.unsqueeze(-1)).squeeze(-1) + sys_.lmap.offset
     weights = n + bt.unsqueeze(-1) + bt.unsqueeze(-2)
     data = ((weights * Amag) @ xw.abs().unsqueeze(-1)).squeeze(-1) + (n + bt) * (o_vec.abs() + sys_.lmap.offset.abs())
-    z = (inv.abs() @ data.unsqueeze(-1)).squeeze(-1)
+    z = (inv_abs @ data.unsqueeze(-1)).squeeze(-1)
     if o_rounding is not None:
-        z = z + 2 * (inv.abs() @ o_rounding.abs().unsqueeze(-1)).squeeze(-1) / atol
+        z = z + 2 * (inv_abs @ o_rounding.abs().unsqueeze(-1)).squeeze(-1) / atol
     exact = _vec_unknown(want)
     ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(torch.finfo(dtype).tiny))))
     return _unvec(z + ulp / atol, T, E)
@@ -445,7 +469,7 @@ def forward_error_checks(path: str, got: torch.Tensor, want: torch.Tensor, sys_:
 def check_minimum_norm(ctx: PropertyContext) -> None:
     x = _solve(ctx)
     case = ctx.case
-    sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
+    sys_ = _case_system(ctx)
     u = _unknown(case).value
     checks = forward_error_checks(f"out/{u}", x, sys_.x_ref, sys_, case.dtype,
                                    "kernel against the float64 minimum-norm solution pinv(A) b", True)
@@ -485,7 +509,7 @@ def check_idempotent(ctx: PropertyContext) -> None:
     u = _unknown(case)
     x1 = _solve(ctx)
     inputs = _float64_inputs(case)
-    sys_ = analyse(u, {**inputs}, case.kwargs["scale"])
+    sys_ = _case_system(ctx)
     exact = sys_.lmap.apply(x1)
     o2 = exact.to(case.dtype).to(F64)
     x2 = _solve_for(ctx, o2)
@@ -498,7 +522,7 @@ def check_idempotent(ctx: PropertyContext) -> None:
 
 def check_gradients(ctx: PropertyContext) -> None:
     case = ctx.case
-    sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
+    sys_ = _case_system(ctx)
     if not all(sys_.smooth(bh, case.dtype) for bh in _bh_list(sys_)):
         ctx.record([TensorCheck(path="grad/*", passed=True, ratio=0.0,
                                 note="not demanded: the system is rank deficient or ill-conditioned in some (batch,"
@@ -592,7 +616,7 @@ def _baseline_grads(ctx: PropertyContext, cots: dict[str, torch.Tensor]) -> dict
 
 def check_finite(ctx: PropertyContext) -> None:
     case = ctx.case
-    sys_ = analyse(_unknown(case), _float64_inputs(case), case.kwargs["scale"])
+    sys_ = _case_system(ctx)
     sized = all(sys_.determined(bh, case.dtype) for bh in _bh_list(sys_))
     smooth = sized and all(sys_.identifiable(bh) for bh in _bh_list(sys_))
     why = "" if smooth else (" (overflow of gradients not judged: the system is rank deficient or ill-conditioned"
