@@ -22,7 +22,7 @@ import torch
 
 from iqa_verify.comparison import TensorCheck, compare
 from iqa_verify.contracts import state_dtype_for
-from iqa_verify.family import Property, PropertyContext, Violation
+from iqa_verify.family import Property, PropertyContext, Violation, digest
 from iqa_verify.iqa_claims import GradientClaim, OneStep, Truncated
 from iqa_verify.tolerances import Kind, tolerance
 from iqa_verify.properties.generic import ForwardBackward, HonestRefusal, cotangents_for, run_forward_backward, tolerating
@@ -110,11 +110,17 @@ def _rounding_residual(ctx: PropertyContext, y_star: torch.Tensor) -> torch.Tens
     return (amplify @ _ulp(y_star.to(F64), ctx.case.dtype).reshape(B, N * E, 1)).reshape(B, N, E)
 
 
+def _ref_point(ctx: PropertyContext, y: torch.Tensor) -> RefPoint:
+    """:func:`ref_point` for the kernel's output ``y`` (a float64 Newton solve), once per case and output: the
+    fixed-point, values, gradients and gradient-gap properties all judge at it."""
+    return ctx.memoized(("iqa/ref-point", digest({"y": y})), lambda: ref_point(ctx.case, y))
+
+
 def _fixed_point(ctx: PropertyContext) -> None:
     y = _output(ctx)
     dtype = ctx.case.dtype
     resid = _map64(ctx, y) - y.detach().to(F64)
-    rp = ref_point(ctx.case, y) if bool(torch.isfinite(y).all()) else RefPoint(None, "non-finite output", False)
+    rp = _ref_point(ctx, y) if bool(torch.isfinite(y).all()) else RefPoint(None, "non-finite output", False)
     base = None if rp.y is None else _map64(ctx, _rounded(ctx, rp.y)) - _rounded(ctx, rp.y).to(F64)
     tol, scale = tolerance(Kind.RESIDUAL, dtype), _value_scale(ctx, None)
     if rp.y is not None:  # the output's own rounding, amplified by the map (see _rounding_residual)
@@ -125,7 +131,7 @@ def _fixed_point(ctx: PropertyContext) -> None:
 
 def _values(ctx: PropertyContext) -> None:
     y = _output(ctx)
-    rp = ref_point(ctx.case, y)
+    rp = _ref_point(ctx, y)
     if not _require_point(ctx, rp, "values"):
         return
     dtype = ctx.case.dtype
@@ -290,7 +296,7 @@ def _diagnose(ctx: PropertyContext, got: ForwardBackward, y_star: torch.Tensor, 
 def _gradients(ctx: PropertyContext) -> None:
     info = ctx.extra(claims)
     got, g = _kernel_grads(ctx)
-    rp = ref_point(ctx.case, got.outputs["y"])
+    rp = _ref_point(ctx, got.outputs["y"])
     if not _require_point(ctx, rp, "gradients"):
         return
     mode = None if info.exact else info.backward
@@ -317,7 +323,7 @@ def _gradient_gap(ctx: PropertyContext) -> None:
         note(ctx, "grad", f"{info.describe_backward()}: judged by iqa/gradients (no approximation to quantify)")
         return
     got, g = _kernel_grads(ctx)
-    rp = ref_point(ctx.case, got.outputs["y"])
+    rp = _ref_point(ctx, got.outputs["y"])
     if rp.y is None:
         note(ctx, "grad", f"not measured: {rp.how}")
         return
