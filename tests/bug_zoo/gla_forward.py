@@ -31,6 +31,11 @@ def _recurrent(q, k, v, g, initial_state, scale, bug: str = ""):
     if bug == "gate-averaged-over-dimensions":
         gh = gh.mean(-1, keepdim=True).expand_as(gh)
     S = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+    ghost = None
+    if bug == "initial-state-gradient-ungated" and initial_state is not None:
+        # the values carry S_0 through the gates, but its gradient flows through a zero-valued ungated copy
+        ghost = S - S.detach()
+        S = S.detach()
     outs = []
     for t in range(T):
         gate = torch.exp(gh[:, :, t])  # [B, H, D]
@@ -46,8 +51,9 @@ def _recurrent(q, k, v, g, initial_state, scale, bug: str = ""):
             S = S + kv
         else:
             S = gate[..., None] * S + kv
-        outs.append((S * qh[:, :, t, :, None]).sum(-2))
+        outs.append(((S if ghost is None else S + ghost) * qh[:, :, t, :, None]).sum(-2))
     o = scale * torch.stack(outs, dim=1)  # [B, T, H, E]
+    S = S if ghost is None else S + ghost
     return o.to(q.dtype), S.to(state_dtype_for(q.dtype))
 
 
@@ -159,6 +165,11 @@ def state_in_input_dtype(q, k, v, g, initial_state=None, *, scale=1.0):
     return _recurrent(q, k, v, g, initial_state, scale, "state-in-input-dtype")
 
 
+def initial_state_gradient_ungated(q, k, v, g, initial_state=None, *, scale=1.0):
+    """Right values; dS_0 summed without the gates (as if the backward forgot diag(exp(b_t)))."""
+    return _recurrent(q, k, v, g, initial_state, scale, "initial-state-gradient-ungated")
+
+
 def gate_grad_of_first_dimension_dropped(q, k, v, g, initial_state=None, *, scale=1.0):
     return _recurrent(q, k, v, g, initial_state, scale, "gate-grad-of-first-dimension-dropped")
 
@@ -247,6 +258,9 @@ BUGS: tuple[PlantedBug, ...] = (
     _bug("gate_averaged_over_dimensions", "float32", (_p("values"),), "per-dimension gates collapsed to a scalar"),
     _bug("initial_state_not_gated", "float32", (_p("values"),), "initial state skips the first gate"),
     _bug("state_in_input_dtype", "bfloat16", (_p("values"),), "state accumulated in bf16"),
+    # judged with dS_0's natural scale (the terms it sums): still far outside it
+    _bug("initial_state_gradient_ungated", "float32", (_p("gradients"),), "dS_0 summed without the gates",
+         "grad/dinitial_state"),
     _bug("gate_grad_of_first_dimension_dropped", "float32", (_p("gradients"),), "dg of one dimension dropped",
          "grad/dg"),
     _bug("chunk_gate_dropped_at_boundary", "float32", (_p("values"),), "state not gated at a chunk boundary"),
