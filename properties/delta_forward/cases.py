@@ -157,6 +157,9 @@ def pinned_delta_cases(profile: Profile) -> list[DeltaCase]:
     long_t = _BOUNDS[profile.size][4][0] + 61  # 317
     return [
         DeltaCase(B=1, T=1, H=1, D=1, E=1, seed=1),
+        # early: a property stops judging pinned regimes at its first failure, and this one shows a bf16 state most
+        # clearly (4x where the long mild-decay case below shows it at 1.4x)
+        DeltaCase(B=1, T=long_t, H=2, D=8, E=4, beta=Beta.SMALL, initial_state=True, seed=9),
         DeltaCase(B=2, T=long_t, H=2, D=8, E=6, decay=Decay.MILD, initial_state=True, scale=0.5, seed=2),
         DeltaCase(B=1, T=long_t, H=2, D=6, E=4, beta=Beta.ONE, seed=3),
         DeltaCase(B=2, T=70, H=2, D=5, E=3, keys=Keys.SMALL, beta=Beta.MIXED, decay=Decay.UNDERFLOW, initial_state=True,
@@ -164,7 +167,6 @@ def pinned_delta_cases(profile: Profile) -> list[DeltaCase]:
         DeltaCase(B=2, T=33, H=1, D=4, E=4, beta=Beta.ZERO, decay=Decay.STRONG, initial_state=True,
                   layout=Layout.SLICED, scale=2.5, seed=5),
         DeltaCase(B=1, T=65, H=2, D=3, E=2, keys=Keys.SMALL, decay=Decay.ZERO, magnitude=-2, initial_state=True, seed=6),
-        DeltaCase(B=1, T=long_t, H=2, D=8, E=4, beta=Beta.SMALL, initial_state=True, seed=9),
         # the reference-free properties run this one past 1024 steps (16 chunks of 64)
         DeltaCase(B=1, T=long_t, H=2, D=4, E=4, decay=Decay.MILD, seed=7, free_T=1100),
     ]

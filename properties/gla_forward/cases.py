@@ -141,12 +141,14 @@ def pinned_gla_cases(profile: Profile) -> list[GLACase]:
     long_t = _BOUNDS[profile.size][4][0] + 61  # 317: long, and not a multiple of 16/32/64
     return [
         GLACase(B=1, T=1, H=1, D=1, E=1, seed=1),
+        # early: a property stops judging pinned regimes at its first failure, and this one shows a bf16 cumulative
+        # gate sum most clearly (5.7x where the long weak-gate case below shows it at 1.6x)
+        GLACase(B=2, T=80, H=2, D=6, E=5, gate=Gate.RESETS, initial_state=True, seed=8),
         GLACase(B=2, T=long_t, H=2, D=8, E=6, gate=Gate.WEAK, initial_state=True, scale=0.5, seed=2),
         GLACase(B=2, T=97, H=2, D=6, E=5, gate=Gate.UNDERFLOW_SOME, initial_state=True, layout=Layout.TRANSPOSED, seed=3),
         GLACase(B=2, T=70, H=2, D=4, E=4, gate=Gate.PARTIAL_ZERO, layout=Layout.SLICED, scale=2.5, seed=4),
         GLACase(B=1, T=33, H=2, D=3, E=2, gate=Gate.ZERO, initial_state=True, magnitude=-2, seed=5),
         GLACase(B=1, T=65, H=2, D=5, E=3, gate=Gate.STRONG, initial_state=True, seed=6),
-        GLACase(B=2, T=80, H=2, D=6, E=5, gate=Gate.RESETS, initial_state=True, seed=8),
         # the reference-free properties run this one past 1024 steps (16 chunks of 64)
         GLACase(B=1, T=long_t, H=2, D=4, E=4, seed=7, free_T=1100),
     ]
