@@ -9,7 +9,7 @@ from iqa_verify.properties.generic import shared_properties
 from iqa_verify.properties.gla_forward.bounds import magnitude_bounds
 from iqa_verify.properties.gla_forward.cases import GLACase, build_gla_inputs, gla_cases, pinned_gla_cases
 from iqa_verify.properties.gla_forward.natural import dg_natural_scale
-from iqa_verify.properties.la_forward.natural import initial_state_natural_scale
+from iqa_verify.properties.la_forward.natural import initial_state_natural
 from iqa_verify.properties.recurrent_forward import Far, RecurrentForward, metamorphic_properties, varlen_properties
 from iqa_verify.reference.gla_forward import gla_forward_baseline, gla_forward_ref
 
@@ -41,12 +41,9 @@ def _grad_natural(inputs, cots, scale: float) -> dict[str, torch.Tensor]:
     dg_td = sum_{s>=t} (q_sd dq_sd - k_sd dk_sd) + <dS_T[d], S_T[d]> that the GLA paper and chunked kernels use
     (see :mod:`iqa_verify.properties.gla_forward.natural`)."""
     x = inputs
-    out = {"g": dg_natural_scale(x["q"], x["k"], x["v"], x["g"], x["initial_state"], cots["o"], cots["final_state"],
-                                 scale=scale)}
-    if x["initial_state"] is not None:  # dS_0: a sum of T + 1 terms that cancel where the cotangents do
-        out["initial_state"] = initial_state_natural_scale(gla_forward_ref, x["q"], x["k"], x["v"], x["g"], x["initial_state"],
-                                                           cots["o"], cots["final_state"], scale=scale)
-    return out
+    return {"g": dg_natural_scale(x["q"], x["k"], x["v"], x["g"], x["initial_state"], cots["o"], cots["final_state"],
+                                  scale=scale),
+            **initial_state_natural(gla_forward_ref, x, cots, scale)}  # dS_0: T + 1 terms that cancel where the cotangents do
 
 
 RECURRENCE = RecurrentForward(

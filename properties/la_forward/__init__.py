@@ -8,7 +8,7 @@ from iqa_verify.family import BuiltinKernel, Case, Family, OutputSpec
 from iqa_verify.properties.generic import shared_properties
 from iqa_verify.properties.la_forward.bounds import magnitude_bounds
 from iqa_verify.properties.la_forward.cases import LACase, build_la_inputs, la_cases, pinned_la_cases
-from iqa_verify.properties.la_forward.natural import dg_natural_scale, initial_state_natural_scale
+from iqa_verify.properties.la_forward.natural import dg_natural_scale, initial_state_natural
 from iqa_verify.properties.recurrent_forward import Far, RecurrentForward, metamorphic_properties, varlen_properties
 from iqa_verify.reference.la_forward import la_forward_baseline, la_forward_ref
 
@@ -38,12 +38,9 @@ def _grad_natural(inputs, cots, scale: float) -> dict[str, torch.Tensor]:
     """The decay gradient's natural scale (SPEC §5): the identity dg_t = sum_{s>=t} (q·dq - k·dk) + <dS_T, S_T>
     that standard kernels use (see :mod:`iqa_verify.properties.la_forward.natural`)."""
     x = inputs
-    out = {"g": dg_natural_scale(x["q"], x["k"], x["v"], x["g"], x["initial_state"], cots["o"], cots["final_state"],
-                                 scale=scale)}
-    if x["initial_state"] is not None:  # dS_0: a sum of T + 1 terms that cancel where the cotangents do
-        out["initial_state"] = initial_state_natural_scale(la_forward_ref, x["q"], x["k"], x["v"], x["g"], x["initial_state"],
-                                                           cots["o"], cots["final_state"], scale=scale)
-    return out
+    return {"g": dg_natural_scale(x["q"], x["k"], x["v"], x["g"], x["initial_state"], cots["o"], cots["final_state"],
+                                  scale=scale),
+            **initial_state_natural(la_forward_ref, x, cots, scale)}  # dS_0: T + 1 terms that cancel where the cotangents do
 
 
 RECURRENCE = RecurrentForward(

@@ -38,7 +38,7 @@ import torch
 
 from iqa_verify.reference.la_forward import la_forward_ref
 
-__all__ = ["dg_natural_scale", "initial_state_natural_scale"]
+__all__ = ["dg_natural_scale", "initial_state_natural", "initial_state_natural_scale"]
 
 F64 = torch.float64
 
@@ -76,3 +76,13 @@ def initial_state_natural_scale(forward, q, k, v, g, initial_state, do, d_state,
         cot_s = d_state.detach().to(F64).abs() if d_state is not None else torch.zeros_like(S)
         (ds0,) = torch.autograd.grad((o, S), (s0,), (do.detach().to(F64).abs(), cot_s * weight[:, -1, :, :, None]))
     return ds0
+
+
+def initial_state_natural(forward, inputs, cots, scale: float) -> dict[str, torch.Tensor]:
+    """``{"initial_state": N}`` (:func:`initial_state_natural_scale`) where the case has an initial state, else
+    empty: the part of a recurrent family's ``grad_natural`` declaration la- and gla-forward share."""
+    x = inputs
+    if x["initial_state"] is None:
+        return {}
+    return {"initial_state": initial_state_natural_scale(forward, x["q"], x["k"], x["v"], x["g"], x["initial_state"],
+                                                         cots["o"], cots["final_state"], scale=scale)}
