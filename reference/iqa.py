@@ -48,6 +48,7 @@ __all__ = [
     "iqa_finite_difference_grad_ref",
     "iqa_forward_baseline",
     "iqa_forward_ref",
+    "iqa_implicit_grad_baseline",
     "iqa_implicit_grad_ref",
     "iqa_jacobian_y_ref",
     "iqa_map_baseline",
@@ -379,6 +380,26 @@ def iqa_plain_iteration_baseline(fn, y0: torch.Tensor, *, max_iter: int = 1000) 
             return y, True
         y = fy
     return y, False
+
+
+def iqa_implicit_grad_baseline(y_star: torch.Tensor, fn, leaves: list[torch.Tensor], g: torch.Tensor) -> list[torch.Tensor | None]:
+    """The straightforward same-precision implicit gradient at a given fixed point, for fixed points plain
+    iteration cannot reach (it repels them, or another attracts): ``y_star`` [B, N, E] in the compute dtype,
+    ``fn(y)`` one application of the map built from ``leaves`` (differentiable in them) in that dtype. The
+    Jacobian ``∂f/∂y`` is formed from N·E vector-Jacobian products, ``(I - ∂f/∂y)^T u = g`` solved densely
+    (LU) in the compute dtype, then ``u^T ∂f/∂θ`` by one more. Its error is the rounding of the map's
+    derivatives in that dtype amplified by the conditioning of ``I - ∂f/∂y``: the error no correct kernel in
+    that dtype avoids. Returns the gradients of ``leaves`` (None where unused)."""
+    B, N, E = y_star.shape
+    y = y_star.detach().requires_grad_(True)
+    with torch.enable_grad():
+        fy = fn(y)
+        basis = torch.eye(N * E, dtype=y.dtype, device=y.device).reshape(N * E, 1, N, E).expand(N * E, B, N, E)
+        (rows,) = torch.autograd.grad(fy, y, basis, retain_graph=True, is_grads_batched=True)  # rows[m, b] = e_m^T J_b
+        jac = rows.reshape(N * E, B, N * E).transpose(0, 1)  # [B, N*E (out), N*E (in)]
+        eye = torch.eye(N * E, dtype=y.dtype, device=y.device)
+        u = torch.linalg.solve((eye - jac).transpose(1, 2), g.to(y.dtype).reshape(B, N * E, 1)).reshape(B, N, E)
+        return list(torch.autograd.grad(fy, leaves, u, allow_unused=True))
 
 
 def iqa_forward_baseline(x, w_q, w_k, w_v=None, *, scale=None) -> torch.Tensor:
