@@ -205,8 +205,11 @@ def _baseline_grads(ctx: PropertyContext, g: torch.Tensor, rp: RefPoint,
         if converged and near:
             grads = torch.autograd.grad(y, list(leaves.values()), g.to(cd), allow_unused=True)
         else:  # the judged fixed point repels plain iteration (or another attracts it): a direct solve there
-            grads = iqa_implicit_grad_baseline(rp.y.to(cd), lambda y: iqa_map_baseline(y, k, v, leaves["w_q"], s),
-                                               list(leaves.values()), g)
+            try:
+                grads = iqa_implicit_grad_baseline(rp.y.to(cd), lambda y: iqa_map_baseline(y, k, v, leaves["w_q"], s),
+                                                   list(leaves.values()), g)
+            except torch.linalg.LinAlgError:  # I - ∂f/∂y singular in the compute dtype: no baseline to offer
+                return None
     return {n: (gr if gr is not None else torch.zeros_like(leaves[n])).to(case.dtype) for n, gr in zip(leaves, grads)}
 
 
