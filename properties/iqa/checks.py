@@ -7,7 +7,8 @@
 - ``convex-combination``: every output row is a convex combination of the values (softmax rows sum to 1).
 - ``gradients``: gradients in x, w_q, w_k, w_v equal the float64 implicit gradient at that fixed point
   (or, for a kernel that declares an approximate backward, the reference of that approximation), with
-  the baseline rule applied to backprop through plain iteration in the same precision; a failure says
+  the baseline rule applied to backprop through plain iteration in the same precision (where that cannot reach
+  the fixed point, to the implicit gradient solved directly in the same precision there); a failure says
   which known wrong gradient the kernel matches (one-step, truncated, untransposed adjoint).
 - ``gradient-gap``: for declared approximations, the relative distance to the implicit gradient (never fails).
 - ``convergence-honesty``: a reported "converged" means the recomputed residual is within the stated tol.
@@ -187,8 +188,9 @@ def _baseline_grads(ctx: PropertyContext, g: torch.Tensor, rp: RefPoint,
     the judged fixed point (a repelling one, found as a near false alarm: the Anderson built-in at 0.98 on ci
     seed 7, float32, Jacobian eigenvalue 1.38, kappa(I - J) = 55), the implicit gradient solved directly in the
     compute dtype at the fixed point (:func:`iqa_implicit_grad_baseline`): the rounding of the map's
-    derivatives amplified by kappa(I - J), which a correct kernel's adjoint cannot avoid either. A declared OneStep/Truncated(k): backprop through k applications
-    of f from a same-precision plain-iteration solve (else y* rounded): the truncated series amplifies
+    derivatives amplified by kappa(I - J), which a correct kernel's adjoint cannot avoid either. A declared
+    OneStep/Truncated(k): backprop through k applications of f from a same-precision plain-iteration solve
+    (else y* rounded): the truncated series amplifies
     the solver error of y* by ~‖∂f/∂y‖^k where f does not contract, for the kernel and baseline alike."""
     case = ctx.case
     if mode is not None and not mode.exact:
