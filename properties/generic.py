@@ -42,7 +42,7 @@ from iqa_verify.wire import cast_keeping_layout
 __all__ = [
     "shared_properties", "SHARED", "HonestRefusal", "NaturalScales", "ValueNaturalScales", "tolerating", "cotangents_for",
     "CotangentLayout", "ForwardBackward", "require_finite", "run_forward_backward", "reference_forward_backward",
-    "cast_keeping_layout",
+    "cast_keeping_layout", "spacing",
 ]
 
 Tensors = dict[str, torch.Tensor]
@@ -60,6 +60,13 @@ HonestRefusal = Callable[[PropertyContext, KernelRaised], str | None]
 """``(ctx, raised) -> note or None``: a family's declaration of when a kernel may refuse a case. Given what
 the kernel raised on the case, a note saying why that refusal is honest (the property then passes with the
 note recorded, so the pass is not silent), or None (the exception fails the property, as always)."""
+
+
+def spacing(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing (one ulp) of ``dtype`` at each ``|x|`` (x float64): ``eps * 2^floor(log2 |x|)``, the subnormal
+    spacing below the smallest normal. Rounding to nearest moves a value by at most half of it."""
+    finfo = torch.finfo(dtype)
+    return finfo.eps * torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(finfo.tiny))))
 
 
 class CotangentLayout(enum.Enum):

@@ -26,7 +26,14 @@ from iqa_verify.contracts import state_dtype_for
 from iqa_verify.family import Property, PropertyContext, Violation, digest
 from iqa_verify.iqa_claims import GradientClaim, OneStep, Truncated
 from iqa_verify.tolerances import Kind, tolerance
-from iqa_verify.properties.generic import ForwardBackward, HonestRefusal, cotangents_for, run_forward_backward, tolerating
+from iqa_verify.properties.generic import (
+    ForwardBackward,
+    HonestRefusal,
+    cotangents_for,
+    run_forward_backward,
+    spacing,
+    tolerating,
+)
 from iqa_verify.properties.iqa.cases import Regime
 from iqa_verify.properties.iqa.judging import (
     GROUPS,
@@ -114,7 +121,7 @@ def _rounding_residual(ctx: PropertyContext, y_star: torch.Tensor) -> torch.Tens
     B, N, E = y_star.shape
     jac = iqa_jacobian_y_ref(y_star, i["x"], i["w_q"], i["w_k"], i["w_v"], scale=ctx.case.kwargs.get("scale"))
     amplify = (torch.eye(N * E, dtype=F64) - jac).abs()
-    return (amplify @ _ulp(y_star.to(F64), ctx.case.dtype).reshape(B, N * E, 1)).reshape(B, N, E)
+    return (amplify @ spacing(y_star.to(F64), ctx.case.dtype).reshape(B, N * E, 1)).reshape(B, N, E)
 
 
 def _ref_point(ctx: PropertyContext, y: torch.Tensor) -> RefPoint:
@@ -147,12 +154,6 @@ def _values(ctx: PropertyContext) -> None:
     ctx.require([check], f"values differ from {rp.how}")
 
 
-def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of ``dtype`` at |x| (float64)."""
-    finfo = torch.finfo(dtype)
-    return finfo.eps * torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(finfo.tiny))))
-
-
 def _convex_combination(ctx: PropertyContext) -> None:
     """Allowed outside the hull, elementwise: ``ulp(max(|lo|, |hi|))`` in the output dtype (rounding the answer
     to the dtype moves a point of the hull by up to half of it, round-to-nearest being monotonic: allowed twice,
@@ -166,7 +167,7 @@ def _convex_combination(ctx: PropertyContext) -> None:
     outside = torch.clamp(y - hi, min=0) + torch.clamp(lo - y, min=0)
     dtype = ctx.case.dtype
     tol, scale = tolerance(Kind.VALUE, dtype), _value_scale(ctx, None)
-    rounding = _ulp(torch.maximum(lo.abs(), hi.abs()), dtype).expand_as(outside)
+    rounding = spacing(torch.maximum(lo.abs(), hi.abs()), dtype).expand_as(outside)
     check = compare("out/y outside [min_j V, max_j V]", outside, torch.zeros_like(outside), tol,
                     dtype=dtype, scale=scale + rounding / tol.atol)
     ctx.require([check], "output rows are not convex combinations of the values (softmax rows must sum to 1 over"

@@ -38,7 +38,7 @@ import torch
 
 from iqa_verify.reference.la_forward import la_forward_ref
 
-__all__ = ["dg_natural_scale", "initial_state_natural", "initial_state_natural_scale"]
+__all__ = ["dg_natural_scale", "initial_state_natural"]
 
 F64 = torch.float64
 

@@ -46,7 +46,7 @@ import torch
 from iqa_verify.comparison import TensorCheck, compare
 from iqa_verify.family import Case, PropertyContext, Violation
 from iqa_verify.tolerances import Kind, tolerance
-from iqa_verify.properties.generic import reference_forward_backward, require_finite, run_forward_backward
+from iqa_verify.properties.generic import reference_forward_backward, require_finite, run_forward_backward, spacing
 from iqa_verify.properties.la_forward.natural import dg_natural_scale
 from iqa_verify.properties.la_inverse.cases import build_solve_problem
 from iqa_verify.reference.la_forward import la_forward_ref
@@ -407,14 +407,7 @@ def _skeel_bound(sys_: DenseSystem, want: torch.Tensor, o_rounding: torch.Tensor
         z = z + 2 * (inv_abs @ o_rounding.abs().unsqueeze(-1)).squeeze(-1) / atol
     # the answer is rounded where it lies, anywhere within its allowance of x_ref: the spacing at the largest value
     # it may take (an answer just across a binade boundary from x_ref is rounded to the coarser spacing)
-    return _unvec(z + _ulp(_vec_unknown(want).abs() + atol * z, dtype) / atol, T, E)
-
-
-def _ulp(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of ``dtype`` at each ``magnitude`` (float64, >= 0): eps * 2^floor(log2 m), the subnormal
-    spacing below the smallest normal."""
-    tiny = torch.finfo(dtype).tiny
-    return torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(magnitude.clamp_min(tiny))))
+    return _unvec(z + spacing(_vec_unknown(want).abs() + atol * z, dtype) / atol, T, E)
 
 
 def _null_projector_abs(sys_: DenseSystem) -> torch.Tensor:
@@ -444,7 +437,7 @@ def forward_error_checks(path: str, got: torch.Tensor, want: torch.Tensor, sys_:
     skeel = _skeel(sys_, want, o_delta, dtype)
     null_part = None
     if want_rounded and any(not sys_.identifiable(bh) for bh in _bh_list(sys_)):
-        ulp_want = _ulp(_vec_unknown(want).abs(), dtype)
+        ulp_want = spacing(_vec_unknown(want).abs(), dtype)
         null_part = _unvec((_null_projector_abs(sys_) @ ulp_want.unsqueeze(-1)).squeeze(-1), want.shape[1], sys_.lmap.n)
     comp_checks, comp_notes = {}, {}
     for bh in _bh_list(sys_):
