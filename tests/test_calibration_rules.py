@@ -149,6 +149,51 @@ def test_calibration_merge_replaces_rows_and_rerun_properties(tmp_path) -> None:
     assert merged[1] == row(1, [{"id": "f/values", "worst_ratio": 0.3}], commit="new")
 
 
+def test_calibration_report_sums_up_third_party_runs_per_kernel_dtype_and_property() -> None:
+    """The third-party table has one row per kernel x dtype x property: which seeds ran pinned-first and which on
+    random cases, where it failed, the largest ratio."""
+    cal = _calibrate_script()
+
+    def row(seed, status, ratio, cases=None):
+        return {"role": "third-party", "impl": "pkg:k", "family": "f", "dtype": "bfloat16", "seed": seed,
+                **({"cases": cases} if cases else {}),
+                "props": [{"id": "f/values", "status": status, "worst_ratio": ratio}]}
+
+    rows = [row(0, "passed", 0.1), row(2, "passed", 0.3), row(3, "passed", 0.2), row(4, "failed", 3.0, "random"),
+            row(5, "passed", None, "random"), row(7, "failed", None, "random")]
+    assert cal._third_party_lines(cal.summarise(rows)) == ["| f | values | k | bfloat16 | 0, 2-3 | 4-5, 7 | 4, 7 | 3 |"]
+
+
+def test_calibration_random_cases_leave_out_the_pinned_regimes(monkeypatch) -> None:
+    """``--third-party-cases random``: a third-party run judges no pinned regime (seed 0's pinned-first run does;
+    under a time budget every seed would otherwise judge the same smallest ones) and its row says so; built-ins and
+    pinned-first third-party runs still start from the pinned regimes."""
+    import argparse
+    import dataclasses
+
+    cal = _calibrate_script()
+    asked = []
+
+    def pinned(profile):
+        asked.append(profile.name)
+        return ()
+
+    monkeypatch.setattr(cal, "family", lambda name: dataclasses.replace(family(name), pinned=pinned))
+    impl = "iqa_verify.kernels.la_forward_recurrent:la_forward_recurrent"
+    only = ("la-forward/values",)
+
+    def run(role, cases):
+        args = argparse.Namespace(profile="ci", shrink_budget=0.5, properties=None, third_party_cases=cases)
+        return cal._run(role, impl, "la-forward", "float32", 0, args, only, budget=0.01)
+
+    row = run("third-party", "random")
+    assert row["cases"] == "random" and not asked and row["props"][0]["status"] == "passed"
+    for role, cases in (("third-party", "pinned-first"), ("builtin", "random")):
+        row = run(role, cases)
+        assert "cases" not in row and asked, (role, cases)
+        asked.clear()
+
+
 @pytest.mark.slow
 def test_calibration_slice_has_no_false_alarm(tmp_path) -> None:
     """One seed of the calibration matrix (scripts/calibrate.py; the full matrix is run by hand)."""
