@@ -91,8 +91,10 @@ class TensorCheck:
         if self.tolerance is not None:
             lines.append(f"  tolerance: {self.tolerance.describe()}")
         if self.natural_tolerance is not None:
-            lines.append(f"  natural scale: eps_acc * N, N = n * sum|terms| the standard algorithms subtract"
-                         f" (rtol={self.natural_tolerance.rtol:g} from {self.natural_tolerance.source})")
+            what = ("eps_x * N, N = root-sum-square of the terms whose operands tensor-core products round"
+                    if "operand-rounding" in self.natural_tolerance.source else
+                    "eps_acc * N, N = n * sum|terms| the standard algorithms subtract")
+            lines.append(f"  natural scale: {what} (rtol={self.natural_tolerance.rtol:g} from {self.natural_tolerance.source})")
         if self.baseline_err is not None:
             lines.append(f"  baseline (same-dtype PyTorch computation) max abs error {self.baseline_err:.3e}")
         if self.note:

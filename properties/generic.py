@@ -34,13 +34,13 @@ from functools import partial
 import torch
 
 from iqa_verify.comparison import TensorCheck, compare
-from iqa_verify.errors import check_one_of
+from iqa_verify.errors import IqaVerifyError, check_one_of
 from iqa_verify.family import Case, ForwardBackward, KernelRaised, Property, PropertyContext, Violation, digest
-from iqa_verify.tolerances import Kind, tolerance
+from iqa_verify.tolerances import Kind, Tolerance, tolerance
 from iqa_verify.wire import cast_keeping_layout
 
 __all__ = [
-    "shared_properties", "SHARED", "HonestRefusal", "NaturalScales", "ValueNaturalScales", "tolerating", "cotangents_for",
+    "shared_properties", "SHARED", "HonestRefusal", "NaturalScales", "ValueNaturalScales", "ValueOperandScales", "tolerating", "cotangents_for",
     "CotangentLayout", "ForwardBackward", "require_finite", "run_forward_backward", "reference_forward_backward",
     "cast_keeping_layout", "spacing",
 ]
@@ -55,6 +55,11 @@ ValueNaturalScales = Callable[[Case], Mapping[str, float]]
 """``case -> {output name: N}``: a family's declaration of the natural scale of some outputs in ``values`` (SPEC §5):
 where standard algorithms carry the quantity through magnitudes far above its final value (the delta rule's
 state), ``eps_acc * N`` is added to the allowance of every element (:attr:`Kind.NATURAL_SCALE`)."""
+
+ValueOperandScales = Callable[[Case], Mapping[str, torch.Tensor]]
+"""``case -> {output name: N}``: a family's declaration of what rounding the operands of tensor-core products costs
+in ``values`` (SPEC §5; float64, the output's shape; see :mod:`iqa_verify.properties.recurrent_forward.operands`):
+``eps_x * N`` is added to the allowance of each element (:attr:`Kind.OPERAND_ROUNDING`)."""
 
 HonestRefusal = Callable[[PropertyContext, KernelRaised], str | None]
 """``(ctx, raised) -> note or None``: a family's declaration of when a kernel may refuse a case. Given what
@@ -203,13 +208,19 @@ def _zero_cotangents(ctx: PropertyContext) -> Tensors:
 
 
 def _value_checks(ctx: PropertyContext, outs: Tensors, ref: Tensors, base: Tensors,
-                  natural: Mapping[str, float] | None = None) -> list[TensorCheck]:
+                  natural: Mapping[str, float] | None = None,
+                  operands: Mapping[str, torch.Tensor] | None = None) -> list[TensorCheck]:
     dtype = ctx.case.dtype
-    tol, nat_tol = tolerance(Kind.VALUE, dtype), tolerance(Kind.NATURAL_SCALE, dtype)
-    natural = natural or {}
+    tol = tolerance(Kind.VALUE, dtype)
+    scales: dict[str, tuple[torch.Tensor, Tolerance]] = {
+        n: (torch.full(ref[n].shape, x, dtype=torch.float64), tolerance(Kind.NATURAL_SCALE, dtype))
+        for n, x in (natural or {}).items()}
+    for n, x in (operands or {}).items():
+        if n in scales:
+            raise IqaVerifyError(f"{n}: a family declares a natural scale or an operand-rounding scale, not both")
+        scales[n] = (x, tolerance(Kind.OPERAND_ROUNDING, dtype))
     return [compare(f"out/{n}", outs[n], ref[n], tol, dtype=dtype, baseline=base.get(n),
-                    natural=torch.full(ref[n].shape, natural[n], dtype=torch.float64) if n in natural else None,
-                    natural_tol=nat_tol if n in natural else None)
+                    natural=scales[n][0] if n in scales else None, natural_tol=scales[n][1] if n in scales else None)
             for n in ref]
 
 
@@ -273,13 +284,16 @@ def _contract(ctx: PropertyContext) -> None:
         raise Violation("outputs break the contract:\n  " + "\n  ".join(problems))
 
 
-def _values(ctx: PropertyContext, natural_scales: ValueNaturalScales | None = None) -> None:
+def _values(ctx: PropertyContext, natural_scales: ValueNaturalScales | None = None,
+            operand_scales: ValueOperandScales | None = None) -> None:
     outs = ctx.call()
     _check_shapes(ctx, outs)
     ref, cots = reference_forward_backward(ctx)
     base = _baseline_forward_backward(ctx, cots)
     natural = natural_scales(ctx.case) if natural_scales is not None else None
-    ctx.require(_value_checks(ctx, outs, ref.outputs, base.outputs, natural), "values differ from the float64 reference")
+    operands = operand_scales(ctx.case) if operand_scales is not None else None
+    ctx.require(_value_checks(ctx, outs, ref.outputs, base.outputs, natural, operands),
+                "values differ from the float64 reference")
 
 
 def _gradients(ctx: PropertyContext, natural_scales: NaturalScales | None = None) -> None:
@@ -427,7 +441,8 @@ SHARED = ("contract", "values", "gradients", "finite", "inputs-unchanged", "no-u
 
 
 def shared_properties(family: str, *, grad_natural_scales: NaturalScales | None = None,
-                      value_natural_scales: ValueNaturalScales | None = None, use: Sequence[str] | None = None,
+                      value_natural_scales: ValueNaturalScales | None = None,
+                      value_operand_scales: ValueOperandScales | None = None, use: Sequence[str] | None = None,
                       honest_refusal: HonestRefusal | None = None) -> tuple[Property, ...]:
     """The shared properties with ids ``<family>/<name>``, as the family's declaration states them.
 
@@ -435,6 +450,8 @@ def shared_properties(family: str, *, grad_natural_scales: NaturalScales | None 
       ``gradients`` allowance as ``eps_acc * N``;
     - ``value_natural_scales``: the natural scale of some outputs (:data:`ValueNaturalScales`), added to the
       ``values`` allowance as ``eps_acc * N``;
+    - ``value_operand_scales``: what rounding tensor-core operands costs in some outputs (:data:`ValueOperandScales`),
+      added to the ``values`` allowance as ``eps_x * N``;
     - ``use``: the names (of :data:`SHARED`) the family uses, in the order given (None: all of them, in
       :data:`SHARED`'s order); a name not in :data:`SHARED` is an IqaVerifyError;
     - ``honest_refusal``: when a kernel may refuse a case (:data:`HonestRefusal`), applied to every property
@@ -446,7 +463,8 @@ def shared_properties(family: str, *, grad_natural_scales: NaturalScales | None 
     props = (
         p("contract", "output count, shapes, dtypes and device follow the contract", _contract,
           "wrong output dtype (e.g. float32 out for bf16 in), transposed state, outputs on the wrong device"),
-        p("values", "outputs equal the float64 reference", partial(_values, natural_scales=value_natural_scales),
+        p("values", "outputs equal the float64 reference", partial(_values, natural_scales=value_natural_scales,
+                                                                    operand_scales=value_operand_scales),
           "wrong math, scale, decay, initial/final state, ragged chunks, low-precision accumulation"),
         p("gradients", "gradients of all outputs w.r.t. every input equal the float64 reference's",
           partial(_gradients, natural_scales=grad_natural_scales),

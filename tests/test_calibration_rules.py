@@ -438,7 +438,8 @@ SEPARATION_REGIMES = [
      ["iqa_verify.kernels.gla_forward_chunked:gla_forward_chunked",
       "iqa_verify.kernels.gla_forward_recurrent:gla_forward_recurrent",
       "tests/correct_kernels/gla_forward.py:gla_forward_identity_dg",
-      "tests/correct_kernels/gla_forward.py:gla_forward_f64_parallel"]),
+      "tests/correct_kernels/gla_forward.py:gla_forward_f64_parallel",
+      "tests/correct_kernels/gla_forward.py:gla_forward_tc_operands"]),
     ("delta-forward", '"beta":"small"', "tests/bug_zoo/delta_forward.py:state_in_input_dtype",
      ["iqa_verify.kernels.delta_forward_chunked:delta_forward_chunked",
       "iqa_verify.kernels.delta_forward_recurrent:delta_forward_recurrent",
@@ -569,3 +570,72 @@ def test_independent_picard_kernel_stops_its_adjoint_at_the_rounding_floor() -> 
     no longer falls, near the tolerance."""
     ctx = run_one("iqa", "tests/correct_kernels/iqa.py:iqa_picard_acc", "gradients", IQA_NON_NORMAL)
     assert max(c.ratio for c in ctx.checks) <= 0.5
+
+
+# dev profile, seed 0, bf16: o and the final state sums of 257 terms that cancel (D = E = 1, mild decay)
+TC_CANCELLING = ('{"B":1,"T":257,"H":1,"D":1,"E":1,"decay":"mild","initial_state":false,"layout":"contiguous",'
+                 '"magnitude":0,"scale":1.0,"seed":524289,"cotangents":"contiguous","free_T":0}')
+TC_CANCELLING_GLA = ('{"B":1,"T":257,"H":1,"D":1,"E":1,"gate":"mild","initial_state":false,"layout":"contiguous",'
+                     '"magnitude":0,"scale":1.0,"seed":524289,"free_T":0}')
+
+
+@pytest.mark.parametrize(("family_name", "impl", "spec"), [
+    ("la-forward", "tests/correct_kernels/la_forward.py:la_forward_tc_operands", TC_CANCELLING),
+    ("gla-forward", "tests/correct_kernels/gla_forward.py:gla_forward_tc_operands", TC_CANCELLING_GLA)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_operand_rounding_admits_tensor_core_kernels_on_cancelling_sums(family_name, impl, spec, dtype) -> None:
+    """A chunked kernel that rounds each product's operands to the input dtype (tensor cores; fla's chunked
+    kernels) failed la-forward ``values`` at 1.97 (final state) on this dev case before ``Kind.OPERAND_ROUNDING``:
+    the sums cancel, so its once-per-term roundings are large against the result. Now well inside the allowance."""
+    ctx = run_one(family_name, impl, "values", spec, dtype)
+    assert max(c.ratio for c in ctx.checks) <= 0.5
+
+
+@pytest.mark.parametrize(("family_name", "bug", "regime"), [
+    ("la-forward", "tests/bug_zoo/la_forward.py:state_in_input_dtype", '"decay":"weak"'),
+    ("la-forward", "tests/bug_zoo/la_forward.py:cumsum_in_input_dtype", '"D":128'),
+    ("gla-forward", "tests/bug_zoo/gla_forward.py:state_in_input_dtype", '"gate":"weak"'),
+    ("gla-forward", "tests/bug_zoo/gla_forward.py:gate_cumsum_in_input_dtype", '"gate":"resets"')])
+def test_operand_rounding_still_catches_rounded_running_sums(family_name, bug, regime) -> None:
+    """A bf16 state or a bf16 cumulative gate rounds a running sum at every step: its error grows with the
+    sequence where the operand-rounding scale does not, so the pinned regimes still fail them at >= 2x."""
+    with pytest.raises(Violation) as caught:
+        run_one(family_name, bug, "values", _pinned_json(family_name, regime), torch.bfloat16)
+    assert max(c.ratio for c in caught.value.checks) >= 2.0
+
+
+def test_operand_scales_of_a_scalar_gate_equal_the_per_dimension_path() -> None:
+    """The scalar-gate path (la-forward) and the per-dimension path (gla-forward) of operand_rounding_scales are
+    one formula: a gate repeated over D gives the same N; and N is the root-sum-square of the terms, by brute force."""
+    from iqa_verify.properties.recurrent_forward.operands import operand_rounding_scales
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, D, E = 1, 5, 2, 3, 2
+    q, k, v = (torch.randn(B, T, H, n, generator=gen, dtype=torch.float64) for n in (D, D, E))
+    g = -torch.rand(B, T, H, generator=gen, dtype=torch.float64)
+    s0 = torch.randn(B, H, D, E, generator=gen, dtype=torch.float64)
+    x = {"q": q, "k": k, "v": v, "g": g, "initial_state": s0}
+    scalar = operand_rounding_scales(x, 0.5)
+    per_dim = operand_rounding_scales({**x, "g": g[..., None].expand(B, T, H, D)}, 0.5)
+    for n in ("o", "final_state"):
+        torch.testing.assert_close(scalar[n], per_dim[n], rtol=1e-12, atol=0.0)
+    b, h, t, e = 0, 1, 3, 1  # o[b, t, h, e] by its terms
+    G = g[b, :, h].cumsum(0)
+    S = torch.exp(G[t]) * s0[b, h]
+    intra = sum((0.5 * (q[b, t, h] @ k[b, s, h]) * torch.exp(G[t] - G[s]) * v[b, s, h, e]) ** 2 for s in range(t + 1))
+    for s in range(t + 1):
+        S = S + torch.exp(G[t] - G[s]) * torch.outer(k[b, s, h], v[b, s, h])
+    inter = ((0.5 * q[b, t, h] * S[:, e]) ** 2).sum()
+    torch.testing.assert_close(scalar["o"][b, t, h, e], torch.sqrt(2 * intra + inter), rtol=1e-12, atol=0.0)
+
+
+FP16_FAR_OVERFLOW = ('{"B":1,"T":1,"H":1,"D":1,"E":1,"decay":"mild","initial_state":false,"layout":"contiguous",'
+                     '"magnitude":1,"scale":1.0,"seed":0,"cotangents":"contiguous","free_T":20}')
+
+
+def test_far_values_stay_inside_float16_for_tensor_core_kernels() -> None:
+    """fp16, |x| ~ 10: the far future at 10x overflowed the tensor-core kernel's fp16 attention matrix, and the
+    backward's inf * 0 put NaN in gradients that must be 0 (causality failed a correct kernel at inf). Far values
+    are now capped where float16's range ends (``runs.far_amplitude``; no effect in the other dtypes)."""
+    run_one("la-forward", "tests/correct_kernels/la_forward.py:la_forward_tc_operands", "causality", FP16_FAR_OVERFLOW,
+            torch.float16)

@@ -181,7 +181,8 @@ def test_every_kind_and_dtype_in_use_has_a_table_entry() -> None:
 def test_rtol_and_atol_are_given_together_and_gradients_are_looser() -> None:
     for (kind, dtype), tol in TABLE.items():
         assert math.isfinite(tol.rtol) and tol.rtol >= 0, (kind, dtype)
-        if kind is Kind.NATURAL_SCALE:  # never a tolerance of its own: a term added to a GRAD entry's allowance
+        if kind in (Kind.NATURAL_SCALE, Kind.OPERAND_ROUNDING):  # never a tolerance of its own: a term added to
+            # a GRAD or VALUE entry's allowance
             assert tol.rtol > 0 and tol.atol == 0 and tol.baseline_factor == 0, (kind, dtype)
             continue
         assert math.isfinite(tol.atol) and tol.atol > 0, (kind, dtype)  # an all-zero reference never demands exact zeros

@@ -11,6 +11,7 @@ from iqa_verify.properties.gla_forward.cases import GLACase, build_gla_inputs, g
 from iqa_verify.properties.gla_forward.natural import dg_natural_scale
 from iqa_verify.properties.la_forward.natural import initial_state_natural
 from iqa_verify.properties.recurrent_forward import Far, RecurrentForward, metamorphic_properties, varlen_properties
+from iqa_verify.properties.recurrent_forward.operands import operand_rounding_scales
 from iqa_verify.reference.gla_forward import gla_forward_baseline, gla_forward_ref
 
 __all__ = ["FAMILY", "RECURRENCE"]
@@ -54,6 +55,7 @@ RECURRENCE = RecurrentForward(
     reference=gla_forward_ref,
     baseline=gla_forward_baseline,
     grad_natural=_grad_natural,
+    operand_scales=operand_rounding_scales,  # tensor-core kernels round A, the chunk-start state, the decayed keys
 )
 """What the reference-free and packed-batch properties need to know about ``gla-forward``."""
 
@@ -71,6 +73,11 @@ def _named(fn):
     return call
 
 
+def _operand_scales(case: Case) -> dict[str, torch.Tensor]:
+    """``values``' declaration of what tensor-core operand rounding costs (:func:`operand_rounding_scales`)."""
+    return operand_rounding_scales(case.inputs, case.kwargs["scale"])
+
+
 FAMILY = Family(
     name="gla-forward",
     signature="gla_forward(q, k, v, g, initial_state=None, *, scale=1.0) -> (o, final_state)",
@@ -83,7 +90,8 @@ FAMILY = Family(
     differentiable=_differentiable,
     reference=_named(gla_forward_ref),
     baseline=_named(gla_forward_baseline),
-    properties=(shared_properties("gla-forward", grad_natural_scales=_natural_scales)
+    properties=(shared_properties("gla-forward", grad_natural_scales=_natural_scales,
+                                  value_operand_scales=_operand_scales)
                 + metamorphic_properties("gla-forward", RECURRENCE) + varlen_properties("gla-forward", RECURRENCE)),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.gla_forward_recurrent:gla_forward_recurrent",

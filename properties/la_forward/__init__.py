@@ -10,6 +10,7 @@ from iqa_verify.properties.la_forward.bounds import magnitude_bounds
 from iqa_verify.properties.la_forward.cases import LACase, build_la_inputs, la_cases, pinned_la_cases
 from iqa_verify.properties.la_forward.natural import dg_natural_scale, initial_state_natural
 from iqa_verify.properties.recurrent_forward import Far, RecurrentForward, metamorphic_properties, varlen_properties
+from iqa_verify.properties.recurrent_forward.operands import operand_rounding_scales
 from iqa_verify.reference.la_forward import la_forward_baseline, la_forward_ref
 
 __all__ = ["FAMILY", "RECURRENCE"]
@@ -51,6 +52,7 @@ RECURRENCE = RecurrentForward(
     reference=la_forward_ref,
     baseline=la_forward_baseline,
     grad_natural=_grad_natural,
+    operand_scales=operand_rounding_scales,  # tensor-core kernels round A, the chunk-start state, the decayed keys
 )
 """What the reference-free and packed-batch properties need to know about ``la-forward``."""
 
@@ -68,6 +70,11 @@ def _named(fn):
     return call
 
 
+def _operand_scales(case: Case) -> dict[str, torch.Tensor]:
+    """``values``' declaration of what tensor-core operand rounding costs (:func:`operand_rounding_scales`)."""
+    return operand_rounding_scales(case.inputs, case.kwargs["scale"])
+
+
 FAMILY = Family(
     name="la-forward",
     signature="la_forward(q, k, v, g, initial_state=None, *, scale=1.0) -> (o, final_state)",
@@ -80,7 +87,8 @@ FAMILY = Family(
     differentiable=_differentiable,
     reference=_named(la_forward_ref),
     baseline=_named(la_forward_baseline),
-    properties=(shared_properties("la-forward", grad_natural_scales=_natural_scales)
+    properties=(shared_properties("la-forward", grad_natural_scales=_natural_scales,
+                                  value_operand_scales=_operand_scales)
                 + metamorphic_properties("la-forward", RECURRENCE) + varlen_properties("la-forward", RECURRENCE)),
     builtin_kernels=(
         BuiltinKernel("iqa_verify.kernels.la_forward_recurrent:la_forward_recurrent",

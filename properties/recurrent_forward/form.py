@@ -69,6 +69,10 @@ class RecurrentForward:
     grad_natural: ``f(inputs, cotangents, scale) -> {input name: N}`` (float64, the input's shape), the natural
         scale of gradients standard algorithms form as differences of larger terms (the decay gradient's
         identity), or None; ``gradients`` and ``varlen-gradients`` (per sequence) add ``NATURAL_SCALE`` eps times N.
+    operand_scales: ``f(inputs, scale) -> {"o": N, "final_state": N}`` (float64, the outputs' shapes), the
+        root-sum-square of the terms a tensor-core kernel rounds the operands of (:mod:`.operands`), or None;
+        ``values`` and ``varlen-values`` (per sequence) add ``OPERAND_ROUNDING`` eps times N. A family declares
+        at most one of this and ``final_state_natural``.
     """
 
     time_inputs: tuple[str, ...]
@@ -80,12 +84,15 @@ class RecurrentForward:
     final_state_natural: Callable[[Mapping[str, torch.Tensor | None]], float] | None = None
     grad_natural: Callable[[Mapping[str, torch.Tensor | None], Mapping[str, torch.Tensor], float],
                            Mapping[str, torch.Tensor]] | None = None
+    operand_scales: Callable[[Mapping[str, torch.Tensor | None], float], Mapping[str, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         missing = [n for n in self.time_inputs if n not in self.far]
         if missing or not {"q", "v"} <= set(self.time_inputs):
             raise IqaVerifyError(f"time_inputs={self.time_inputs}, far={dict(self.far)}: every time input needs a Far kind"
                              f" (missing {missing}) and q, v must be among them")
+        if self.final_state_natural is not None and self.operand_scales is not None:
+            raise IqaVerifyError("final_state_natural and operand_scales: a family declares at most one value scale")
 
     def grad_names(self, inputs: Mapping[str, torch.Tensor | None]) -> tuple[str, ...]:
         """The inputs gradients are judged for: every given time input, then ``initial_state`` when given."""

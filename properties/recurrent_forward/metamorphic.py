@@ -32,6 +32,7 @@ from iqa_verify.properties.recurrent_forward.runs import (
     case_seed,
     check_runs,
     copied_run,
+    far_amplitude,
     cotangents,
     expect_shapes,
     far_from,
@@ -174,7 +175,7 @@ def _with_far_neighbour(form: RecurrentForward, x: Inputs, gen: torch.Generator)
     s0 = x["initial_state"]
     out = {n: out.get(n) for n in x}  # the contract's order, absent inputs None
     if s0 is not None:
-        amp = 10.0 * max(float(s0.detach().abs().max()), 1e-3)
+        amp = far_amplitude(s0, s0[:1].shape)
         extra = (amp * torch.randn(s0[:1].shape, generator=gen, dtype=torch.float64)).to(s0.device, s0.dtype)
         out["initial_state"] = torch.cat([s0.detach(), extra], 0)
     return out

@@ -19,7 +19,7 @@ from iqa_verify.properties.generic import ForwardBackward, cotangents_for, run_f
 from iqa_verify.properties.recurrent_forward.form import Far, Inputs, RecurrentForward
 from iqa_verify.tolerances import Kind, tolerance
 
-__all__ = ["case_seed", "check_runs", "copied_run", "cotangents", "expect_shapes", "far_from", "grad_or_zeros",
+__all__ = ["case_seed", "check_runs", "copied_run", "cotangents", "expect_shapes", "far_amplitude", "far_from", "grad_or_zeros",
            "sizes"]
 
 
@@ -90,8 +90,20 @@ def _far_values(kind: Far, x: torch.Tensor, shape: torch.Size, gen: torch.Genera
     if kind is Far.UNIT_ROWS:
         rows = torch.randn(shape, generator=gen, dtype=f64)
         return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    amp = 10.0 * max(float(x.detach().abs().max()), 1e-3)
-    return amp * torch.randn(shape, generator=gen, dtype=f64)
+    return far_amplitude(x, shape) * torch.randn(shape, generator=gen, dtype=f64)
+
+
+def far_amplitude(x: torch.Tensor, shape: torch.Size) -> float:
+    """10x the largest |entry| of ``x`` (at least 1e-3), capped where the dtype's range ends: a kernel that
+    rounds its products' operands to the input dtype (tensor cores) forms q·k, the state and o from the far
+    values, so with ``n = shape[1] * shape[-1]`` (the far positions times the dimension summed) the cap keeps
+    ``n amp^3`` 512x inside the largest finite value. It binds in float16 only (max 65504; 2.3 at n = 10):
+    unbounded far values there overflowed a tensor-core kernel's fp16 attention matrix, and ``inf * 0`` put NaN in
+    gradients the properties require to be 0 (issue #14); bf16, float32 and float64 are left at 10x."""
+    amp = 10.0 * max(float(x.detach().abs().max()), 1e-3) if x.numel() else 1.0
+    n = max(1, shape[1] * shape[-1]) if len(shape) > 1 else max(1, shape[-1] if len(shape) else 1)
+    cap = (torch.finfo(x.dtype).max / n) ** (1.0 / 3.0) / 8.0 if x.is_floating_point() else float("inf")
+    return min(amp, cap)
 
 
 def far_from(form: RecurrentForward, like: Inputs, start: int, gen: torch.Generator) -> Inputs:

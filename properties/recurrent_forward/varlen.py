@@ -6,7 +6,8 @@ applicable to it (n/a, neither pass nor fail). ids ``<family>/<name>``:
 
 - ``varlen-values``: o before ``cu[N]`` and the N final states equal the per-sequence float64 reference
   (VALUE tolerance and baseline rule; each final state with its sequence's natural scale where the family
-  declares one, ``RecurrentForward.final_state_natural``).
+  declares one, ``RecurrentForward.final_state_natural``, or o and the final states with each sequence's
+  operand-rounding scale, ``RecurrentForward.operand_scales``).
 - ``varlen-gradients``: gradients equal the reference's (GRAD tolerance, with the family's gradient natural
   scales per sequence, ``RecurrentForward.grad_natural``); at padding positions they must be zero although the
   cotangents there are not (padding outputs are not judged, nothing may flow from them).
@@ -113,15 +114,23 @@ def _varlen_values(form: RecurrentForward, ctx: PropertyContext) -> None:
     _expect(outs, p, "packed call")
     ref, _, base, _ = _packed_references(form, ctx, p, cotangents(ctx, p.inputs, states=len(p.lengths)))
     tol, dtype, end = tolerance(Kind.VALUE, case.dtype), case.dtype, p.end
-    natural = None
+    cu = p.cu_seqlens.tolist()
+    scales: dict[str, torch.Tensor] = {}
+    scale_tol = None
     if form.final_state_natural is not None:  # each sequence's final state against the states it came through
-        cu = p.cu_seqlens.tolist()
-        natural = torch.stack([torch.full(ref["final_state"].shape[1:], form.final_state_natural(_sequence(p, i, a, b)),
-                                          dtype=torch.float64) for i, (a, b) in enumerate(zip(cu, cu[1:]))])
+        scale_tol = tolerance(Kind.NATURAL_SCALE, dtype)
+        scales["final_state"] = torch.stack([
+            torch.full(ref["final_state"].shape[1:], form.final_state_natural(_sequence(p, i, a, b)), dtype=torch.float64)
+            for i, (a, b) in enumerate(zip(cu, cu[1:]))])
+    elif form.operand_scales is not None:  # each sequence's own terms (nothing crosses a sequence boundary)
+        scale_tol = tolerance(Kind.OPERAND_ROUNDING, dtype)
+        per = [form.operand_scales(_sequence(p, i, a, b), case.kwargs.get("scale", 1.0)) for i, (a, b) in enumerate(zip(cu, cu[1:]))]
+        scales = {"o": torch.cat([s["o"] for s in per], dim=1), "final_state": torch.cat([s["final_state"] for s in per])}
     checks = [
-        compare("out/o[:, :cu[N]]", outs["o"][:, :end], ref["o"][:, :end], tol, dtype=dtype, baseline=base["o"][:, :end]),
+        compare("out/o[:, :cu[N]]", outs["o"][:, :end], ref["o"][:, :end], tol, dtype=dtype, baseline=base["o"][:, :end],
+                natural=scales.get("o"), natural_tol=scale_tol if "o" in scales else None),
         compare("out/final_state", outs["final_state"], ref["final_state"], tol, dtype=dtype, baseline=base["final_state"],
-                natural=natural, natural_tol=tolerance(Kind.NATURAL_SCALE, dtype) if natural is not None else None),
+                natural=scales.get("final_state"), natural_tol=scale_tol if "final_state" in scales else None),
     ]
     ctx.require(checks, f"packed batch ({p.describe()}) differs from the per-sequence float64 reference")
 

@@ -12,6 +12,7 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "la-forward": (
         "tests/correct_kernels/la_forward.py:la_forward_f64_recurrent",
         "tests/correct_kernels/la_forward.py:la_forward_identity_dg",
+        "tests/correct_kernels/la_forward.py:la_forward_tc_operands",
     ),
     "la-solve-v": (
         "tests/correct_kernels/la_inverse.py:la_solve_v_dense_f64",
@@ -28,6 +29,7 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "gla-forward": (
         "tests/correct_kernels/gla_forward.py:gla_forward_f64_parallel",
         "tests/correct_kernels/gla_forward.py:gla_forward_identity_dg",
+        "tests/correct_kernels/gla_forward.py:gla_forward_tc_operands",
     ),
     "delta-forward": (
         "tests/correct_kernels/delta_forward.py:delta_forward_f64_transitions",

@@ -15,13 +15,21 @@ gate gradient per key dimension from the identity of the GLA paper, summed in re
 in the accumulation dtype (float32 for bf16/fp16; ``dg_dtype`` overrides it, for the planted bug that sums it in
 the input dtype). Its rounding error is eps times ``sum |q| |dq| + |k| |dk|``, not times |dg|: in a dimension whose
 gate underflows dg is ~1e-20 and this kernel returns ~1e-8, which is right at its precision.
+
+:func:`gla_forward_tc_operands` is the chunked form as a GPU kernel with tensor cores computes it (as
+flash-linear-attention's ``chunk_gla`` does): chunks of 64, per-dimension chunk-local cumulative gates in float32,
+every product's operands in the input dtype with float32 accumulation, so the intra-chunk attention matrix, the
+chunk-start state and the decayed keys are each rounded to bf16/fp16 once; the state is carried in float32.
+Backward by autograd through the same rounded graph.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["gla_forward_f64_parallel", "gla_forward_identity_dg", "identity_dg_kernel"]
+__all__ = ["gla_forward_f64_parallel", "gla_forward_identity_dg", "gla_forward_tc_operands", "identity_dg_kernel"]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -94,3 +102,30 @@ def identity_dg_kernel(q, k, v, g, initial_state=None, *, scale=1.0, dg_dtype=No
 def gla_forward_identity_dg(q, k, v, g, initial_state=None, *, scale=1.0):
     """The recurrence forward, the gate gradient by the GLA identity in the accumulation dtype (fla's way)."""
     return identity_dg_kernel(q, k, v, g, initial_state, scale=scale)
+
+
+def _operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a tensor core takes it: rounded to the input dtype (a no-op for float32/float64), computed on in float32."""
+    return x.to(dtype).to(x.dtype) if dtype in (torch.bfloat16, torch.float16) else x
+
+
+def gla_forward_tc_operands(q, k, v, g, initial_state=None, *, scale=1.0, chunk=64):
+    """Chunked, every product's operands rounded to the input dtype, float32 accumulation and state."""
+    dt, acc = q.dtype, _acc(q.dtype)
+    Q, K, V, G = (x.to(acc).transpose(1, 2) for x in (q, k, v, g))  # [B, H, T, *]
+    B, H, T, D = Q.shape
+    S = torch.zeros(B, H, D, V.shape[-1], dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+    outs = []
+    for n in range(math.ceil(T / chunk)):
+        sl = slice(n * chunk, min((n + 1) * chunk, T))
+        Qc, Kc, Vc = Q[:, :, sl], K[:, :, sl], V[:, :, sl]
+        b = G[:, :, sl].cumsum(2)  # [B, H, L, D], float32
+        L = b.shape[2]
+        later = ~torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        diff = (b[:, :, :, None, :] - b[:, :, None, :, :]).masked_fill(later[:, :, None], float("-inf"))
+        A = _operand(scale * (Qc[:, :, :, None, :] * torch.exp(diff) * Kc[:, :, None, :, :]).sum(-1), dt)
+        outs.append(A @ Vc + scale * (_operand(Qc * torch.exp(b), dt) @ _operand(S, dt)))
+        decayed_k = _operand(Kc * torch.exp(b[:, :, -1:] - b), dt)
+        S = torch.exp(b[:, :, -1])[..., None] * S + decayed_k.transpose(-1, -2) @ Vc
+    o = torch.cat(outs, dim=2) if outs else Q.new_zeros(B, H, 0, V.shape[-1])
+    return o.transpose(1, 2).to(dt), S

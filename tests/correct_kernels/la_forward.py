@@ -14,6 +14,11 @@
   in the accumulation dtype (float32 for bf16/fp16). Its rounding error is eps times
   ``sum |q| |dq| + |k| |dk|``, not times |dg|: under underflowing decay dg is ~1e-20 and this kernel returns
   ~1e-8, which is right at its precision.
+- :func:`la_forward_tc_operands`: the chunked forward as a GPU kernel with tensor cores computes it (as
+  flash-linear-attention's ``chunk_simple_gla`` forward does): chunks of 64, every product's operands in the
+  input dtype and its accumulation in float32, so the intra-chunk attention matrix, the chunk-start state (for
+  ``q^T S``) and the decayed keys (for the state update) are each rounded to bf16/fp16 once, while the state is
+  carried in float32. Backward by autograd through the same rounded graph.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import math
 
 import torch
 
-__all__ = ["la_forward_f64_recurrent", "la_forward_identity_dg", "identity_dg_kernel"]
+__all__ = ["la_forward_f64_recurrent", "la_forward_identity_dg", "la_forward_tc_operands", "identity_dg_kernel"]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -102,3 +107,31 @@ def identity_dg_kernel(q, k, v, g, initial_state=None, *, scale=1.0, dg_dtype=No
 def la_forward_identity_dg(q, k, v, g, initial_state=None, *, scale=1.0):
     """Chunked forward, decay gradient by the GLA identity in the accumulation dtype (fla's way)."""
     return identity_dg_kernel(q, k, v, g, initial_state, scale=scale)
+
+
+def _operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a tensor core takes it: rounded to the input dtype (a no-op for float32/float64), computed on in float32."""
+    return x.to(dtype).to(x.dtype) if dtype in (torch.bfloat16, torch.float16) else x
+
+
+def la_forward_tc_operands(q, k, v, g, initial_state=None, *, scale=1.0, chunk=64):
+    """Chunked, every product's operands rounded to the input dtype, float32 accumulation and state."""
+    dt, acc = q.dtype, _acc(q.dtype)
+    Q, K, V = (x.to(acc).transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
+    G = g.to(acc).transpose(1, 2)
+    B, H, T, D = Q.shape
+    S = torch.zeros(B, H, D, V.shape[-1], dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+    outs = []
+    for n in range(math.ceil(T / chunk)):
+        sl = slice(n * chunk, min((n + 1) * chunk, T))
+        Qc, Kc, Vc = Q[:, :, sl], K[:, :, sl], V[:, :, sl]
+        b = G[:, :, sl].cumsum(-1)  # chunk-local cumulative log decay, float32
+        L = b.shape[-1]
+        lower = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        M = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~lower, float("-inf")))
+        A = _operand(scale * (Qc @ Kc.transpose(-1, -2)) * M, dt)
+        outs.append(A @ Vc + (scale * torch.exp(b))[..., None] * (Qc @ _operand(S, dt)))
+        decayed_k = _operand(Kc * torch.exp(b[..., -1:] - b)[..., None], dt)
+        S = torch.exp(b[..., -1])[..., None, None] * S + decayed_k.transpose(-1, -2) @ Vc
+    o = torch.cat(outs, dim=2) if outs else Q.new_zeros(B, H, 0, V.shape[-1])
+    return o.transpose(1, 2).to(dt), S
