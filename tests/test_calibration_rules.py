@@ -639,3 +639,22 @@ def test_far_values_stay_inside_float16_for_tensor_core_kernels() -> None:
     are now capped where float16's range ends (``runs.far_amplitude``; no effect in the other dtypes)."""
     run_one("la-forward", "tests/correct_kernels/la_forward.py:la_forward_tc_operands", "causality", FP16_FAR_OVERFLOW,
             torch.float16)
+
+
+# gla-forward, ci seed 6: dS_0 of a 257-step case, far below the terms it sums
+GLA_DS0_CANCELLING = ('{"B":1,"T":257,"H":1,"D":1,"E":1,"gate":"mild","initial_state":true,"layout":"contiguous",'
+                      '"magnitude":0,"scale":1.0,"seed":256,"free_T":1}')
+
+
+@pytest.mark.parametrize(("dtype", "spec"), [
+    (torch.bfloat16, GLA_DS0_CANCELLING),
+    (torch.float16, GLA_DS0_CANCELLING.replace('"magnitude":0', '"magnitude":-2'))], ids=["bf16", "fp16"])
+def test_initial_state_gradient_admits_tensor_core_operands(dtype, spec) -> None:
+    """A tensor-core gla backward rounds the decayed queries q_t exp(b_t) to the input dtype once per term (fla's
+    chunk_gla): dS_0 57 % off here in bf16 (ratio 3.4; fp16 1.6 at |x| ~ 1e-2) before dS_0's natural scale added eps_x times the terms'
+    root-sum-square. dS_0 summed without the gates is still caught on the same case."""
+    ctx = run_one("gla-forward", "tests/correct_kernels/gla_forward.py:gla_forward_tc_operands", "gradients", spec, dtype)
+    assert max(c.ratio for c in ctx.checks) <= 0.5
+    with pytest.raises(Violation) as caught:
+        run_one("gla-forward", "tests/bug_zoo/gla_forward.py:initial_state_gradient_ungated", "gradients", spec, dtype)
+    assert max(c.ratio for c in caught.value.checks) >= 2.0

@@ -20,7 +20,7 @@ gate underflows dg is ~1e-20 and this kernel returns ~1e-8, which is right at it
 flash-linear-attention's ``chunk_gla`` does): chunks of 64, per-dimension chunk-local cumulative gates in float32,
 every product's operands in the input dtype with float32 accumulation, so the intra-chunk attention matrix, the
 chunk-start state and the decayed keys are each rounded to bf16/fp16 once; the state is carried in float32.
-Backward by autograd through the same rounded graph.
+Backward by autograd, at the rounded operands (their rounding passed straight through).
 """
 
 from __future__ import annotations
@@ -105,8 +105,13 @@ def gla_forward_identity_dg(q, k, v, g, initial_state=None, *, scale=1.0):
 
 
 def _operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x as a tensor core takes it: rounded to the input dtype (a no-op for float32/float64), computed on in float32."""
-    return x.to(dtype).to(x.dtype) if dtype in (torch.bfloat16, torch.float16) else x
+    """x as a tensor core takes it: rounded to the input dtype (a no-op for float32/float64), computed on in float32.
+    The rounding is passed straight through in the backward (autograd of the casts would round the incoming
+    gradient, a chunk's partial sum of the state's gradient, to the input dtype: a rounding no kernel does), so the
+    backward is the float32 derivative taken at the rounded operands, as a kernel's backward reuses them."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return x
+    return x + (x.detach().to(dtype).to(x.dtype) - x.detach())
 
 
 def gla_forward_tc_operands(q, k, v, g, initial_state=None, *, scale=1.0, chunk=64):

@@ -18,7 +18,7 @@
   flash-linear-attention's ``chunk_simple_gla`` forward does): chunks of 64, every product's operands in the
   input dtype and its accumulation in float32, so the intra-chunk attention matrix, the chunk-start state (for
   ``q^T S``) and the decayed keys (for the state update) are each rounded to bf16/fp16 once, while the state is
-  carried in float32. Backward by autograd through the same rounded graph.
+  carried in float32. Backward by autograd, at the rounded operands (their rounding passed straight through).
 """
 
 from __future__ import annotations
@@ -110,8 +110,13 @@ def la_forward_identity_dg(q, k, v, g, initial_state=None, *, scale=1.0):
 
 
 def _operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x as a tensor core takes it: rounded to the input dtype (a no-op for float32/float64), computed on in float32."""
-    return x.to(dtype).to(x.dtype) if dtype in (torch.bfloat16, torch.float16) else x
+    """x as a tensor core takes it: rounded to the input dtype (a no-op for float32/float64), computed on in float32.
+    The rounding is passed straight through in the backward (autograd of the casts would round the incoming
+    gradient, a chunk's partial sum of the state's gradient, to the input dtype: a rounding no kernel does), so the
+    backward is the float32 derivative taken at the rounded operands, as a kernel's backward reuses them."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return x
+    return x + (x.detach().to(dtype).to(x.dtype) - x.detach())
 
 
 def la_forward_tc_operands(q, k, v, g, initial_state=None, *, scale=1.0, chunk=64):
