@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from tests.correct_kernels.tensor_core import operand
+
 __all__ = ["gla_forward_f64_parallel", "gla_forward_identity_dg", "gla_forward_tc_operands", "identity_dg_kernel"]
 
 
@@ -104,15 +106,6 @@ def gla_forward_identity_dg(q, k, v, g, initial_state=None, *, scale=1.0):
     return identity_dg_kernel(q, k, v, g, initial_state, scale=scale)
 
 
-def _operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x as a tensor core takes it: rounded to the input dtype (a no-op for float32/float64), computed on in float32.
-    The rounding is passed straight through in the backward (autograd of the casts would round the incoming
-    gradient, a chunk's partial sum of the state's gradient, to the input dtype: a rounding no kernel does), so the
-    backward is the float32 derivative taken at the rounded operands, as a kernel's backward reuses them."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        return x
-    return x + (x.detach().to(dtype).to(x.dtype) - x.detach())
-
 
 def gla_forward_tc_operands(q, k, v, g, initial_state=None, *, scale=1.0, chunk=64):
     """Chunked, every product's operands rounded to the input dtype, float32 accumulation and state."""
@@ -128,9 +121,9 @@ def gla_forward_tc_operands(q, k, v, g, initial_state=None, *, scale=1.0, chunk=
         L = b.shape[2]
         later = ~torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
         diff = (b[:, :, :, None, :] - b[:, :, None, :, :]).masked_fill(later[:, :, None], float("-inf"))
-        A = _operand(scale * (Qc[:, :, :, None, :] * torch.exp(diff) * Kc[:, :, None, :, :]).sum(-1), dt)
-        outs.append(A @ Vc + scale * (_operand(Qc * torch.exp(b), dt) @ _operand(S, dt)))
-        decayed_k = _operand(Kc * torch.exp(b[:, :, -1:] - b), dt)
+        A = operand(scale * (Qc[:, :, :, None, :] * torch.exp(diff) * Kc[:, :, None, :, :]).sum(-1), dt)
+        outs.append(A @ Vc + scale * (operand(Qc * torch.exp(b), dt) @ operand(S, dt)))
+        decayed_k = operand(Kc * torch.exp(b[:, :, -1:] - b), dt)
         S = torch.exp(b[:, :, -1])[..., None] * S + decayed_k.transpose(-1, -2) @ Vc
     o = torch.cat(outs, dim=2) if outs else Q.new_zeros(B, H, 0, V.shape[-1])
     return o.transpose(1, 2).to(dt), S
