@@ -40,8 +40,8 @@ from iqa_verify.tolerances import Kind, Tolerance, tolerance
 from iqa_verify.wire import cast_keeping_layout
 
 __all__ = [
-    "shared_properties", "SHARED", "HonestRefusal", "NaturalScales", "ValueNaturalScales", "ValueOperandScales", "tolerating", "cotangents_for",
-    "CotangentLayout", "ForwardBackward", "require_finite", "run_forward_backward", "reference_forward_backward",
+    "shared_properties", "SHARED", "HonestRefusal", "NaturalScales", "ValueNaturalScales", "ValueOperandScales",
+    "tolerating", "cotangents_for", "CotangentLayout", "ForwardBackward", "require_finite", "run_forward_backward", "reference_forward_backward",
     "cast_keeping_layout", "spacing",
 ]
 

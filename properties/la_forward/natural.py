@@ -46,6 +46,7 @@ from __future__ import annotations
 import torch
 
 from iqa_verify.reference.la_forward import la_forward_ref
+from iqa_verify.tolerances import Kind, tolerance
 
 __all__ = ["dg_natural_scale", "initial_state_natural"]
 
@@ -88,9 +89,8 @@ def initial_state_natural_scale(forward, q, k, v, g, initial_state, do, d_state,
 
 
 def _operand_ratio(dtype: torch.dtype) -> float:
-    """eps of the input dtype over eps of the accumulation dtype (float32 for bf16/fp16)."""
-    acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-    return float(torch.finfo(dtype).eps / torch.finfo(acc).eps)
+    """The table's operand-rounding unit over its natural-scale unit for ``dtype`` (eps_x / eps_acc)."""
+    return tolerance(Kind.OPERAND_ROUNDING, dtype).rtol / tolerance(Kind.NATURAL_SCALE, dtype).rtol
 
 
 def _initial_state_operand_rss(q, b, do, d_state, scale: float) -> torch.Tensor:
