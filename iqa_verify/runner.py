@@ -144,6 +144,9 @@ class _Stats:
         self.worst: tuple[TensorCheck, ...] = ()
         self.ratios: list[float] = []
         self.pinned_failure: _Failed | None = None
+        # a failure on a random case where another property's failure on the same case was chosen for shrinking:
+        # kept, so that a search the budget ends before it finds the case again still fails the property
+        self.unshrunk_failure: _Failed | None = None
 
     def add(self, judgement: _Judgement) -> None:
         self.examples += 1
@@ -247,12 +250,15 @@ class _Search:
         if self.out_of_time():  # no new example: Hypothesis runs out its remaining draws at no cost
             return
         judgements = self.judge(spec, self.open)
-        for prop in self.open:
-            j = judgements[prop.id]
-            if isinstance(j, _Failed):
-                self.target, self.target_since = prop, time.monotonic()
-                self.target_failures = {spec: j}
-                raise j
+        failed = [(prop, j) for prop in self.open if isinstance(j := judgements[prop.id], _Failed)]
+        for prop, j in failed[1:]:  # shrunk later if found again; never lost
+            if self.stats[prop.id].unshrunk_failure is None:
+                self.stats[prop.id].unshrunk_failure = j
+        if failed:
+            prop, j = failed[0]
+            self.target, self.target_since = prop, time.monotonic()
+            self.target_failures = {spec: j}
+            raise j
 
 
 def _printed(chunks: Sequence[str], limit: int = 2000) -> str:
@@ -414,10 +420,14 @@ def _search(cfg: RunConfig, props: Sequence[Property], host: KernelHost, results
         settle_inapplicable_and_broken()
         break
     for prop in list(search.open):
-        pinned = search.stats[prop.id].pinned_failure
-        if pinned is not None:
+        stats = search.stats[prop.id]
+        if stats.pinned_failure is not None:
             note = "fails on a pinned edge regime (random search found no smaller case): "
-            finish(prop, Status.FAILED, _counterexample(cfg, prop, pinned, note))
+            finish(prop, Status.FAILED, _counterexample(cfg, prop, stats.pinned_failure, note))
+        elif stats.unshrunk_failure is not None:
+            note = ("fails on a case found while another property failing there was shrunk (the search ended before"
+                    " this one was): ")
+            finish(prop, Status.FAILED, _counterexample(cfg, prop, stats.unshrunk_failure, note))
         else:
             finish(prop, Status.PASSED)
 

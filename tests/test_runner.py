@@ -320,3 +320,23 @@ def test_failing_examples_persist_and_are_replayed_first_by_the_next_run(tmp_pat
     assert again.status is Status.FAILED
     assert again.examples <= len(FAM.pinned(CI)) + 1  # the pinned cases, then the saved failure
     assert again.counterexample.spec_json == found.counterexample.spec_json
+
+
+def _doubled(q, k, v, g, initial_state=None, *, scale=1.0):
+    """Outputs twice the right ones: wrong values and wrong gradients on every case with a nonzero output."""
+    o, state = la_forward_chunked(q, k, v, g, initial_state, scale=scale)
+    return 2 * o, 2 * state
+
+
+def test_a_failure_seen_while_another_property_is_shrunk_is_not_lost() -> None:
+    """One case can fail several properties; the search shrinks one of them. When the time budget then ends the
+    search, the others must still fail on the case they failed (a calibration run of fla's chunk_gated_delta_rule
+    passed varlen-values after an example at ratio 4.66, because values was shrunk on that case first)."""
+    fam = dataclasses.replace(FAM, pinned=lambda _profile: ())  # random cases from the first one, as a budgeted run
+    cfg = dataclasses.replace(_cfg(_doubled, fam=fam), time_budget_s=1e-3)
+    verdict = check(cfg, only=(_pid("values"), _pid("gradients")))
+    by_id = {r.property_id: r for r in verdict.results}
+    assert by_id[_pid("values")].status is Status.FAILED
+    gradients = by_id[_pid("gradients")]
+    assert gradients.status is Status.FAILED, gradients
+    assert "while another property" in gradients.counterexample.message
