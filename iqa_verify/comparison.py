@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from iqa_verify.tolerances import Tolerance
+from iqa_verify.tolerances import Kind, Tolerance
 
 __all__ = ["TensorCheck", "compare", "shape_mismatch"]
 
@@ -91,10 +91,11 @@ class TensorCheck:
         if self.tolerance is not None:
             lines.append(f"  tolerance: {self.tolerance.describe()}")
         if self.natural_tolerance is not None:
+            nat = self.natural_tolerance
             what = ("eps_x * N, N = root-sum-square of the terms whose operands tensor-core products round"
-                    if "operand-rounding" in self.natural_tolerance.source else
+                    if nat.source.startswith(f"tolerances.TABLE[{Kind.OPERAND_ROUNDING.value},") else
                     "eps_acc * N, N = n * sum|terms| the standard algorithms subtract")
-            lines.append(f"  natural scale: {what} (rtol={self.natural_tolerance.rtol:g} from {self.natural_tolerance.source})")
+            lines.append(f"  natural scale: {what} (rtol={nat.rtol:g} from {nat.source})")
         if self.baseline_err is not None:
             lines.append(f"  baseline (same-dtype PyTorch computation) max abs error {self.baseline_err:.3e}")
         if self.note:

@@ -23,8 +23,8 @@ reruns those properties only (every role; a planted bug only where it is meant t
 replaces them in the rows already there, each property entry recording the commit it was judged at.
 Third-party kernels run time-bounded (``--third-party-budget`` seconds per property), so a run judges only the
 first few cases: with ``--third-party-cases random`` they leave out the pinned edge regimes (the same at every
-seed; run seed 0 without it) and judge the seed's random draws. Processes run side by side write ``--results`` files of their own; ``--merge FILE...`` merges them into
-``--results`` (later files win on role, kernel, family, dtype and seed; a ``--properties`` row replaces only its
+seed; run seed 0 without it) and judge the seed's random draws. Processes run side by side write ``--results``
+files of their own; ``--merge FILE...`` merges them into ``--results`` (later files win on role, kernel, family, dtype and seed; a ``--properties`` row replaces only its
 properties) and writes the report.
 """
 

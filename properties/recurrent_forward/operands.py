@@ -78,5 +78,5 @@ def operand_rounding_scales(inputs: Mapping[str, torch.Tensor | None], scale: fl
         S = lam * S + k[:, :, t, :, None] * v[:, :, t, None, :]
         S2 = (lam * lam) * S2 + k2[:, :, t, :, None] * v2[:, :, t, None, :]
         inter2.append((scale * scale) * (q2[:, :, t, :, None] * (S * S)).sum(-2))  # [B, H, E]
-    n_o = torch.sqrt(2 * intra2 + torch.stack(inter2, dim=2)) if T else intra2
+    n_o = torch.sqrt(2 * intra2 + torch.stack(inter2, dim=2))  # T >= 1 (the contract)
     return {"o": n_o.transpose(1, 2), "final_state": torch.sqrt(S2)}

@@ -19,8 +19,8 @@ from iqa_verify.properties.generic import ForwardBackward, cotangents_for, run_f
 from iqa_verify.properties.recurrent_forward.form import Far, Inputs, RecurrentForward
 from iqa_verify.tolerances import Kind, tolerance
 
-__all__ = ["case_seed", "check_runs", "copied_run", "cotangents", "expect_shapes", "far_amplitude", "far_from", "grad_or_zeros",
-           "sizes"]
+__all__ = ["case_seed", "check_runs", "copied_run", "cotangents", "expect_shapes", "far_amplitude", "far_from",
+           "grad_or_zeros", "sizes"]
 
 
 def sizes(inputs: Mapping[str, torch.Tensor | None]) -> tuple[int, int, int, int, int]:
@@ -101,9 +101,8 @@ def far_amplitude(x: torch.Tensor, shape: torch.Size) -> float:
     unbounded far values there overflowed a tensor-core kernel's fp16 attention matrix, and ``inf * 0`` put NaN in
     gradients the properties require to be 0 (issue #14); bf16, float32 and float64 are left at 10x."""
     amp = 10.0 * max(float(x.detach().abs().max()), 1e-3) if x.numel() else 1.0
-    n = max(1, shape[1] * shape[-1]) if len(shape) > 1 else max(1, shape[-1] if len(shape) else 1)
-    cap = (torch.finfo(x.dtype).max / n) ** (1.0 / 3.0) / 8.0 if x.is_floating_point() else float("inf")
-    return min(amp, cap)
+    n = max(1, shape[1] * shape[-1])
+    return min(amp, (torch.finfo(x.dtype).max / n) ** (1.0 / 3.0) / 8.0)
 
 
 def far_from(form: RecurrentForward, like: Inputs, start: int, gen: torch.Generator) -> Inputs:

@@ -124,8 +124,10 @@ def _varlen_values(form: RecurrentForward, ctx: PropertyContext) -> None:
             for i, (a, b) in enumerate(zip(cu, cu[1:]))])
     elif form.operand_scales is not None:  # each sequence's own terms (nothing crosses a sequence boundary)
         scale_tol = tolerance(Kind.OPERAND_ROUNDING, dtype)
-        per = [form.operand_scales(_sequence(p, i, a, b), case.kwargs.get("scale", 1.0)) for i, (a, b) in enumerate(zip(cu, cu[1:]))]
-        scales = {"o": torch.cat([s["o"] for s in per], dim=1), "final_state": torch.cat([s["final_state"] for s in per])}
+        per = [form.operand_scales(_sequence(p, i, a, b), case.kwargs.get("scale", 1.0))
+               for i, (a, b) in enumerate(zip(cu, cu[1:]))]
+        scales = {"o": torch.cat([s["o"] for s in per], dim=1),
+                  "final_state": torch.cat([s["final_state"] for s in per])}
     checks = [
         compare("out/o[:, :cu[N]]", outs["o"][:, :end], ref["o"][:, :end], tol, dtype=dtype, baseline=base["o"][:, :end],
                 natural=scales.get("o"), natural_tol=scale_tol if "o" in scales else None),
